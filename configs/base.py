@@ -1,0 +1,116 @@
+"""RecursiveVLM on the embedded multi-hop visual QA dataset (the CPU default).
+
+  python -m rvlm.main --config=configs/base.py --workdir=/tmp/rvlm_base
+
+Variants: `configs/base.py:preset=tiny` picks another model preset; any field can be
+overridden, e.g. `--config.model.recursion.num_steps=4 --config.train.total_steps=200`.
+"""
+import ml_collections
+
+from rvlm.models import presets
+
+
+def get_config(arg=None):
+  """Returns the default config; `arg` is 'key=value,...' (preset=...)."""
+  args = dict(preset="small")
+  if arg:
+    for kv in arg.split(","):
+      k, v = kv.split("=")
+      if k not in args:
+        raise ValueError(f"configs/base.py: unknown argument {k!r}; known: {sorted(args)}")
+      args[k] = v
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---- model -------------------------------------------------------------------
+  c.model = presets.get_preset(args["preset"])
+
+  # ---- loss --------------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict(dict(
+      # monotonic: every step, tokens whose loss rose vs step r-1 weighted by beta.
+      # final_only: last step only (the vanilla baseline's default).
+      kind="monotonic",
+      beta=2.0,
+      form="hard",         # hard (beta weights) | soft (l + gamma*SiLU(l - sg(l_prev)))
+      gamma=1.0,
+      step_weights=(),     # lambda_r; empty = all ones
+  ))
+
+  # ---- data --------------------------------------------------------------------
+  # Image size and patch come from c.model.vit (the embedded grid is their ratio).
+  c.data = ml_collections.ConfigDict(dict(
+      name="embedded",     # embedded | embedded_tfds | llava
+      batch_size=64,       # global batch
+      seq_len=32,          # text tokens per example (prompt + answer + eos)
+      num_workers=0,       # grain worker processes (0: preprocess in this process)
+      strict=False,        # False: skip + count bad input; True: raise (file, line)
+      shuffle_seed=0,      # combined with c.seed; epochs reshuffle
+      # Optional weighted training mixture, "name:weight,..." (e.g.
+      # "embedded:0.7,llava:0.3"); empty = `name` alone. Eval reads `name`.
+      mixture="",
+      embedded=dict(
+          num_train=1_000_000,   # examples are rendered on the fly from (seed, i)
+          num_val=10_000,
+          num_test=10_000,       # also the size of test_comp
+          families="lookup,relate,chain2,chain3,compare,count,exist,pointer",
+          family_weights="",     # "w1,w2,..." per family; empty = uniform
+          num_colours=8,
+          num_shapes=3,          # square, circle, triangle (4 adds diamond)
+          min_objects=4,
+          max_objects=7,
+          max_hops=3,            # pointer family: h drawn from 1..max_hops
+          max_count=3,
+          # (colour, shape) pairs absent from train/val/test; test_comp names them.
+          heldout_pairs="red circle,green triangle,blue square,yellow circle",
+      ),
+      # kind: embedded (word vocab, 123 ids) | bytes (UTF-8, 260 ids) | sentencepiece |
+      # hf (tokenizer.json).
+      # bos/eos/pad: token names for hf tokenizers; empty = common spellings.
+      tokenizer=dict(kind="embedded", path="", bos="", eos="", pad=""),
+      tfds_dir="",         # embedded_tfds: built by python -m rvlm.data.tfds_embedded
+      train_json="",       # llava: JSON/JSONL records
+      eval_json="",
+      image_dir="",        # llava: record image paths are relative to this
+  ))
+
+  # ---- optimizer ---------------------------------------------------------------
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",
+      lr=3e-3,
+      warmup_steps=100,
+      schedule="cosine",   # cosine | constant
+      end_lr_factor=0.05,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,
+      # Params matching these regexes get no weight decay (norms, biases, connector
+      # scale and projections: decaying them would pull recursion back to off).
+      no_decay=(r".*scale$", r".*bias$", r".*alpha$", r".*connector.*", r".*pos_embedding$"),
+      freeze=(),           # regexes of params kept fixed
+      grad_clip=1.0,
+  ))
+
+  # ---- training loop -----------------------------------------------------------
+  c.train = ml_collections.ConfigDict(dict(
+      total_steps=1500,
+      grad_accum_steps=1,
+      log_every=50,
+      eval_every=500,
+      checkpoint_every=500,
+      keep_checkpoints=2,
+      nan_policy="stop",   # stop | skip
+  ))
+
+  # ---- evaluation --------------------------------------------------------------
+  c.eval = ml_collections.ConfigDict(dict(
+      batch_size=256,
+      num_examples=1024,   # per eval split
+      splits=("val", "test"),
+  ))
+
+  # ---- sharding ----------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.init_from = ""         # params-only initialisation from another workdir's checkpoint
+  return c

@@ -1,0 +1,1 @@
+"""rvlm: recursive vision-language models (RecursiveVLM) in JAX/Flax."""

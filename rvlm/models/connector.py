@@ -1,0 +1,92 @@
+"""The Recursive Connector (RecursiveVLM): builds the next recursion step's input.
+
+  n_l   = RMSNorm_l(H_l^(r))                      for the k sampled layers l
+  P_l   = C_(l, m(t))(n_l)                        modality-specific: image / text weights
+  F^(r) = fuse_l P_l                              mean, or learned softmax weights
+  E_(r+1) = base + alpha * F^(r)                  base = E_0 (default), E_r, or nothing
+
+rvlm's sequence layout puts the image tokens first, so the modality of a position is a
+static split at `num_image_tokens`: each modality's weights run only on its own tokens.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PROJECTIONS = ("linear", "mlp")
+FUSIONS = ("mean", "softmax")
+BASES = ("embed", "prev", "none")
+ALPHA_SHAPES = ("channel", "scalar")
+INITS = ("zeros", "normal")
+
+
+class Connector(nn.Module):
+  num_layers: int                 # k
+  num_image_tokens: int
+  projection: str = "linear"
+  modality_specific: bool = True
+  fusion: str = "mean"
+  base: str = "embed"
+  alpha_init: float = 1.0
+  alpha_shape: str = "channel"
+  init: str = "zeros"
+  norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  def _kernel(self, name, shape, init):
+    axes = ("connector_layers", "modality", "embed", "embed_out")
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+  def _project(self, x, kernels, m):
+    """x: [k, B, n, d] tokens of modality m -> [k, B, n, d]."""
+    w = kernels[0][:, m].astype(self.dtype)
+    if self.projection == "linear":
+      return jnp.einsum("kbnd,kde->kbne", x, w)
+    h = nn.gelu(jnp.einsum("kbnd,kde->kbne", x, w), approximate=True)
+    return jnp.einsum("kbnd,kde->kbne", h, kernels[1][:, m].astype(self.dtype))
+
+  @nn.compact
+  def __call__(self, sampled, e0, e_prev):
+    """sampled: [k, B, N, d] outputs of the sampled layers; e0, e_prev: [B, N, d]."""
+    k, _, _, d = sampled.shape
+    num_mod = 2 if self.modality_specific else 1
+    scale = self.param("norm_scale", nn.with_logical_partitioning(
+        nn.initializers.ones, ("connector_layers", "norm")), (k, d), jnp.float32)
+    xf = sampled.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.norm_eps)
+    normed = (normed * scale[:, None, None, :]).astype(self.dtype)
+
+    out_init = (nn.initializers.zeros if self.init == "zeros"
+                else nn.initializers.normal(d ** -0.5))
+    if self.projection == "linear":
+      kernels = (self._kernel("proj", (k, num_mod, d, d), out_init),)
+    else:
+      kernels = (self._kernel("proj_in", (k, num_mod, d, d), nn.initializers.normal(d ** -0.5)),
+                 self._kernel("proj_out", (k, num_mod, d, d), out_init))
+
+    if self.modality_specific:
+      nv = self.num_image_tokens
+      projected = jnp.concatenate([self._project(normed[:, :, :nv], kernels, 0),
+                                   self._project(normed[:, :, nv:], kernels, 1)], axis=2)
+    else:
+      projected = self._project(normed, kernels, 0)
+
+    if self.fusion == "mean":
+      fused = jnp.mean(projected, axis=0)
+    else:
+      logits = self.param("fusion_logits", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("connector_layers",)), (k,), jnp.float32)
+      weights = jax.nn.softmax(logits).astype(self.dtype)
+      fused = jnp.einsum("k,kbnd->bnd", weights, projected)
+
+    alpha_shape = (d,) if self.alpha_shape == "channel" else ()
+    alpha_axes = ("norm",) if self.alpha_shape == "channel" else ()
+    alpha = self.param("alpha", nn.with_logical_partitioning(
+        nn.initializers.constant(self.alpha_init), alpha_axes), alpha_shape, jnp.float32)
+    update = alpha.astype(self.dtype) * fused
+    if self.base == "embed":
+      return e0 + update
+    if self.base == "prev":
+      return e_prev + update
+    return update

@@ -1,0 +1,97 @@
+"""Decoder: one pre-norm layer and the stack of L distinct layers under `nn.scan`.
+
+The stack returns its final output and the outputs of the k layers the Recursive
+Connector samples (not all L): a [k, B, N, d] buffer is carried through the scan and
+each sampled layer writes its slot. The buffer update is linear, so the backward pass
+saves nothing extra for it.
+"""
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from rvlm.models import layers
+
+
+def sampled_layers(num_layers: int, k: int) -> tuple[int, ...]:
+  """1-indexed layers ceil(i * L / k), i = 1..k (k = 4: L/4, L/2, 3L/4, L)."""
+  return tuple(math.ceil(i * num_layers / k) for i in range(1, k + 1))
+
+
+class DecoderLayer(nn.Module):
+  width: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  norm_eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    h = layers.RMSNorm(self.norm_eps, name="attn_norm")(x)
+    x = x + layers.Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                             self.rope_theta, self.dtype, name="attn")(h, mask, positions)
+    h = layers.RMSNorm(self.norm_eps, name="mlp_norm")(x)
+    x = x + layers.SwiGLU(self.mlp_dim, self.dtype, name="mlp")(h)
+    return layers.constrain(x)
+
+
+class _ScanBody(nn.Module):
+  """One scan iteration: apply a layer, write its output to its connector slot (if any)."""
+  layer_kwargs: dict
+  remat_policy: str
+
+  @nn.compact
+  def __call__(self, carry, slot, mask, positions):
+    x, buf = carry
+    layer_cls = DecoderLayer
+    policy = layers.remat_policy(self.remat_policy)
+    if policy is not None:
+      layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
+    x = layer_cls(**self.layer_kwargs, name="layer")(x, mask, positions)
+    if buf is not None:
+      idx = jnp.maximum(slot, 0)
+      buf = buf.at[idx].set(jnp.where(slot >= 0, x, buf[idx]))
+    return (x, buf), None
+
+
+class DecoderStack(nn.Module):
+  """L distinct decoder layers; params stacked on a leading 'layers' axis.
+
+  `scan=False` unrolls the same scan fully, so the param tree is identical either way.
+  """
+  width: int
+  depth: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  norm_eps: float
+  num_sampled: int = 0          # k; 0 = return no intermediate layers
+  scan: bool = True
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    """Returns (final output [B, N, d], sampled outputs [k, B, N, d] or None)."""
+    slots = np.full((self.depth,), -1, np.int32)
+    if self.num_sampled:
+      for s, layer in enumerate(sampled_layers(self.depth, self.num_sampled)):
+        slots[layer - 1] = s
+    buf = jnp.zeros((self.num_sampled,) + x.shape, x.dtype) if self.num_sampled else None
+    layer_kwargs = dict(width=self.width, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                        head_dim=self.head_dim, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
+                        norm_eps=self.norm_eps, dtype=self.dtype)
+    body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
+                   unroll=1 if self.scan else self.depth,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    (x, buf), _ = body(layer_kwargs, self.remat_policy, name="layers")((x, buf), jnp.asarray(slots),
+                                                                       mask, positions)
+    return x, buf

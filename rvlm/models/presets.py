@@ -1,0 +1,99 @@
+"""Model size presets.
+
+A preset is a full `config.model` ConfigDict. Configs start from one and override
+fields (`--config.model.decoder.depth=8`), so every size shares one schema.
+
+`tiny`  : unit tests (a few thousand params, compiles in seconds).
+`small` : the CPU default of configs/base.py.
+`1b`, `3b`: real-scale shapes (SigLIP-So400m/14 vision tower, Qwen2-class decoders);
+           their parameter counts are checked with `jax.eval_shape` in the tests.
+"""
+import ml_collections
+
+
+def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True):
+  return ml_collections.ConfigDict(dict(
+      vocab_size=vocab_size,
+      tie_embeddings=tie_embeddings,
+      # Compute dtype; params are always kept in param_dtype (f32 by default).
+      dtype="float32",
+      param_dtype="float32",
+      # jax.checkpoint policy for one decoder layer: none | full | dots.
+      remat_policy="none",
+      # Scan over the L distinct decoder layers (True) or unroll them (False);
+      # the param tree is identical either way.
+      scan_layers=True,
+      vit=dict(vit),
+      projector=dict(kind=projector),
+      decoder=dict(decoder),
+      recursion=dict(
+          # none: standard transformer (R must be 1); vanilla: E_{r+1} = H_L^(r);
+          # connector: RecursiveVLM.
+          mode="connector",
+          num_steps=3,
+          # scan: outer nn.scan with broadcast params (compile time flat in R);
+          # loop: Python loop over the same bound stack. Outputs are equal.
+          impl="scan",
+      ),
+      connector=dict(
+          num_layers=4,              # k sampled layers: ceil(i*L/k), i = 1..k
+          projection="linear",       # linear | mlp
+          modality_specific=True,    # separate image / text weights
+          fusion="mean",             # mean | softmax (learned weights over the k layers)
+          base="embed",              # embed: E_0 + a*F; prev: E_r + a*F; none: F
+          alpha_init=1.0,
+          alpha_shape="channel",     # channel | scalar
+          init="zeros",              # zeros | normal (projection kernel init)
+      ),
+  ))
+
+
+def tiny():
+  return _model(
+      vocab_size=64,
+      vit=dict(image_size=16, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
+      decoder=dict(width=32, depth=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                   mlp_dim=64, rope_theta=10_000.0, norm_eps=1e-6),
+  )
+
+
+def small():
+  return _model(
+      vocab_size=256,
+      vit=dict(image_size=32, patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=256),
+      decoder=dict(width=128, depth=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                   mlp_dim=384, rope_theta=10_000.0, norm_eps=1e-6),
+  )
+
+
+_SO400M = dict(image_size=224, patch_size=14, width=1152, depth=27, num_heads=16,
+               mlp_dim=4304)
+
+
+def rvlm_1b():
+  # So400m/14 (~0.41B) + a Qwen2-0.5B-shaped decoder (28 layers; ~0.56B incl. tied embeddings).
+  return _model(
+      vocab_size=151_936,
+      vit=_SO400M,
+      decoder=dict(width=896, depth=28, num_heads=14, num_kv_heads=2, head_dim=64,
+                   mlp_dim=4864, rope_theta=1_000_000.0, norm_eps=1e-6),
+  )
+
+
+def rvlm_3b():
+  # So400m/14 (~0.43B) + a Qwen2.5-3B-shaped decoder, trimmed in depth to total ~3B.
+  return _model(
+      vocab_size=151_936,
+      vit=_SO400M,
+      decoder=dict(width=2048, depth=30, num_heads=16, num_kv_heads=2, head_dim=128,
+                   mlp_dim=11008, rope_theta=1_000_000.0, norm_eps=1e-6),
+  )
+
+
+PRESETS = {"tiny": tiny, "small": small, "1b": rvlm_1b, "3b": rvlm_3b}
+
+
+def get_preset(name: str) -> ml_collections.ConfigDict:
+  if name not in PRESETS:
+    raise ValueError(f"config.model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+  return PRESETS[name]()

@@ -1,0 +1,72 @@
+"""The R-step recursion over one shared decoder stack.
+
+Modes (config.model.recursion.mode):
+  none      standard transformer: one step (R must be 1).
+  vanilla   E_(r+1) = H_L^(r): the final layer output fed straight back.
+  connector RecursiveVLM: E_(r+1) from the Recursive Connector.
+
+`impl='scan'` runs the steps under an outer `nn.scan` with the params broadcast (one
+copy, compile time flat in R); `impl='loop'` calls the same bound submodule R times.
+Both build the identical param tree (`step/stack/...`, `step/connector/...`) and give
+equal outputs; no params are ever duplicated across steps.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rvlm.models.connector import Connector
+from rvlm.models.decoder import DecoderStack
+
+MODES = ("none", "vanilla", "connector")
+IMPLS = ("scan", "loop")
+
+
+class RecursionStep(nn.Module):
+  """One recursion step: the full decoder stack, then the transition to the next input."""
+  mode: str
+  stack_kwargs: dict
+  connector_kwargs: dict
+
+  @nn.compact
+  def __call__(self, e_prev, e0, mask, positions):
+    num_sampled = self.connector_kwargs["num_layers"] if self.mode == "connector" else 0
+    h, sampled = DecoderStack(**self.stack_kwargs, num_sampled=num_sampled, name="stack")(
+        e_prev, mask, positions)
+    if self.mode == "connector":
+      e_next = Connector(**self.connector_kwargs, name="connector")(sampled, e0, e_prev)
+    else:  # vanilla (and none, whose single step never uses it)
+      e_next = h
+    # Outputs per step: the final-layer output (read by the shared head) and this
+    # step's input (for diagnostics: norms, CKA with E_0).
+    return e_next, (h, e_prev)
+
+
+class Recursion(nn.Module):
+  mode: str
+  num_steps: int
+  impl: str
+  stack_kwargs: dict
+  connector_kwargs: dict
+
+  @nn.compact
+  def __call__(self, e0, mask, positions, num_steps: int | None = None):
+    """Returns (hidden [R, B, N, d] final-layer output per step, step inputs [R, B, N, d])."""
+    steps = self.num_steps if num_steps is None else num_steps
+    if steps < 1 or (self.mode == "none" and steps != 1):
+      raise ValueError(f"num_steps={steps} is invalid for recursion mode {self.mode!r}")
+    kwargs = dict(mode=self.mode, stack_kwargs=self.stack_kwargs,
+                  connector_kwargs=self.connector_kwargs, name="step")
+    if self.impl == "scan":
+      scanned = nn.scan(RecursionStep, variable_broadcast="params",
+                        split_rngs={"params": False},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=steps)
+      _, (hidden, inputs) = scanned(**kwargs)(e0, e0, mask, positions)
+      return hidden, inputs
+    step = RecursionStep(**kwargs)
+    e, hs, es = e0, [], []
+    for _ in range(steps):
+      e, (h, e_in) = step(e, e0, mask, positions)
+      hs.append(h)
+      es.append(e_in)
+    return jnp.stack(hs), jnp.stack(es)

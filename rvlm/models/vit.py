@@ -1,0 +1,78 @@
+"""Image encoder: a pre-norm ViT (SigLIP-style) with its blocks scanned over depth."""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from rvlm.models import layers
+
+
+class VitBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _):
+    ln = lambda name: nn.LayerNorm(  # noqa: E731
+        dtype=self.dtype, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+    x = x + layers.VitAttention(self.num_heads, self.dtype, name="attn")(ln("ln1")(x))
+    x = x + layers.GeluMLP(self.mlp_dim, dtype=self.dtype, name="mlp")(ln("ln2")(x))
+    return layers.constrain(x), None
+
+
+def patchify(images, patch: int):
+  """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], row-major over the patch grid."""
+  b, h, w, c = images.shape
+  x = images.reshape(b, h // patch, patch, w // patch, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
+
+
+class ViT(nn.Module):
+  """Patch embedding (a linear map of flattened patches, equal to a strided conv),
+  learned position embeddings, `depth` pre-norm blocks, a final LayerNorm."""
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    x = patchify(images.astype(self.dtype), self.patch_size)
+    x = nn.Dense(self.width, dtype=self.dtype, name="patch_embed",
+                 kernel_init=layers.dense_init(("patch", "vit_embed")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vit_embed",)))(x)
+    pos = self.param("pos_embedding",
+                     nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vit_pos", "vit_embed")),
+                     (x.shape[1], self.width), jnp.float32)
+    x = x + pos.astype(self.dtype)[None]
+    blocks = nn.scan(VitBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="blocks")(x, None)
+    return nn.LayerNorm(dtype=self.dtype, name="ln_final",
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
+
+
+class Projector(nn.Module):
+  """Image features -> decoder width: `linear` or a 2-layer GELU `mlp`."""
+  kind: str
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.kind == "linear":
+      return nn.Dense(self.width, dtype=self.dtype, name="linear",
+                      kernel_init=layers.dense_init(("vit_embed", "embed")),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(x)
+    if self.kind == "mlp":
+      return layers.GeluMLP(self.width, in_axis="vit_embed", hidden_axis="mlp", out_axis="embed",
+                            out_features=self.width, dtype=self.dtype, name="mlp")(x)
+    raise ValueError(f"config.model.projector.kind={self.kind!r} is unknown; choose 'linear' or 'mlp'")

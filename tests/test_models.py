@@ -1,0 +1,338 @@
+"""Model behaviour: recursion shares params, scan == loop, masks, connector properties."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rvlm import losses
+from rvlm.models import decoder as decoder_lib
+from rvlm.models import presets, vlm
+
+B, T = 2, 10
+PREFIX = 5  # bos + prompt tokens; the rest is the causal answer part
+
+
+def make_batch(cfg, seed=0, b=B, t=T):
+  rng = np.random.default_rng(seed)
+  s = cfg.vit.image_size
+  mask_ar = np.zeros((b, t), np.int32)
+  mask_ar[:, PREFIX:] = 1
+  input_mask = np.ones((b, t), np.int32)
+  input_mask[1, t - 2:] = 0  # padding on the second example
+  mask_loss = mask_ar * input_mask
+  return dict(
+      image=jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
+      image_mask=jnp.ones((b,), jnp.int32),
+      tokens=jnp.asarray(rng.integers(1, cfg.vocab_size, (b, t)), jnp.int32),
+      input_mask=jnp.asarray(input_mask), mask_ar=jnp.asarray(mask_ar),
+      mask_loss=jnp.asarray(mask_loss))
+
+
+def tiny(mode="connector", steps=3, **overrides):
+  cfg = presets.tiny()
+  cfg.recursion.mode = mode
+  cfg.recursion.num_steps = steps
+  for key, value in overrides.items():
+    node = cfg
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def init(cfg, seed=0):
+  model = vlm.make_model(cfg)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), make_batch(cfg))["params"])
+  return model, params
+
+
+def forward(model, params, batch, **kwargs):
+  """Jitted forward (eager flax scans are slow and reorder float sums)."""
+  return jax.jit(lambda p, b: model.apply({"params": p}, b, **kwargs))(params, batch)
+
+
+def logits_of(model, params, hidden):
+  return jax.jit(lambda p, h: model.apply({"params": p}, h, method=model.logits))(params, hidden)
+
+
+def randomize(params, seed=1, scale=0.3):
+  """Random values for every leaf (the connector starts at zero; tests need it live)."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def count(params):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+
+
+def abstract_count(cfg):
+  model = vlm.make_model(cfg)
+  batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(cfg))
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
+  return count(nn.unbox(shapes["params"]))
+
+
+# ---- parameter sharing -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "connector"])
+def test_param_count_independent_of_num_steps(mode):
+  counts = {r: abstract_count(tiny(mode, r)) for r in (1, 2, 4, 8)}
+  assert len(set(counts.values())) == 1, counts
+
+
+def test_standard_and_vanilla_have_the_same_params():
+  # mode 'none' is defined only for R = 1; vanilla adds no params at any R.
+  assert abstract_count(tiny("none", 1)) == abstract_count(tiny("vanilla", 4))
+
+
+# ---- scan and loop -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "connector"])
+def test_scan_and_loop_recursion_agree(mode):
+  """Equal outputs and gradients; tolerance 1e-6 abs/rel (float32, same op order)."""
+  cfg_scan, cfg_loop = tiny(mode, 3), tiny(mode, 3, **{"recursion.impl": "loop"})
+  model_s, params = init(cfg_scan)
+  model_l, params_l = init(cfg_loop)
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_l)
+  params = randomize(params)
+  batch = make_batch(cfg_scan)
+
+  def loss(model, p):
+    out = model.apply({"params": p}, batch)
+    tok, _ = losses.per_step_token_losses(
+        lambda h: model.apply({"params": p}, h, method=model.logits), out["hidden"], batch["tokens"])
+    return losses.recursion_loss(tok, batch["mask_loss"][:, 1:])[0], out["hidden"]
+
+  grad = lambda m: jax.jit(jax.value_and_grad(lambda p: loss(m, p), has_aux=True))  # noqa: E731
+  (ls, hs), gs = grad(model_s)(params)
+  (ll, hl), gl = grad(model_l)(params)
+  # Under jit both compile to the same arithmetic: outputs measured bit-identical on CPU.
+  # The stated tolerance (1e-6 outputs, 1e-5 gradients, relative) leaves room for
+  # backends that fuse the unrolled loop differently.
+  np.testing.assert_allclose(hs, hl, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ls, ll, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(gl)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_and_unrolled_layers_agree():
+  model_s, params = init(tiny("connector", 2))
+  model_u, params_u = init(tiny("connector", 2, scan_layers=False))
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_u)
+  params = randomize(params)
+  batch = make_batch(presets.tiny())
+  np.testing.assert_allclose(forward(model_s, params, batch)["hidden"],
+                             forward(model_u, params, batch)["hidden"], rtol=1e-6, atol=1e-6)
+
+
+# ---- R = 1 equals a plain forward ----------------------------------------------------
+
+
+def test_r1_modes_equal_plain_forward():
+  cfg = tiny("none", 1)
+  model, params = init(cfg)
+  params = randomize(params)
+  batch = make_batch(cfg)
+  # The plain, non-recursive forward: embeddings -> one decoder stack -> head.
+  e0, input_mask, mask_ar = jax.jit(lambda p: model.apply({"params": p}, batch, method=model.embed_inputs))(params)
+  from rvlm.models import layers
+  dec = cfg.decoder
+  stack = decoder_lib.DecoderStack(dec.width, dec.depth, dec.num_heads, dec.num_kv_heads,
+                                   dec.head_dim, dec.mlp_dim, dec.rope_theta, dec.norm_eps)
+  h, _ = stack.apply({"params": params["recursion"]["step"]["stack"]}, e0,
+                     layers.prefix_lm_mask(input_mask, mask_ar), layers.positions_from_mask(input_mask))
+  nv = e0.shape[1] - T
+  plain = logits_of(model, params, h[:, nv:])
+
+  for mode in ("none", "vanilla", "connector"):
+    m, p = init(tiny(mode, 1))
+    # Same decoder / encoder params; the connector (if any) keeps its own.
+    p = {**p, **{k: v for k, v in params.items() if k != "recursion"}}
+    p["recursion"] = {"step": {**p["recursion"]["step"], "stack": params["recursion"]["step"]["stack"]}}
+    out = forward(m, p, batch)["hidden"]
+    assert out.shape[0] == 1
+    np.testing.assert_allclose(logits_of(m, p, out[0]), plain, rtol=1e-5, atol=1e-5)
+
+
+# ---- masks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "vanilla", "connector"])
+def test_later_answer_token_never_changes_earlier_logits(mode):
+  cfg = tiny(mode, 1 if mode == "none" else 3)
+  model, params = init(cfg)
+  params = randomize(params)
+  batch = make_batch(cfg)
+  pos = PREFIX + 2
+  changed = dict(batch, tokens=batch["tokens"].at[:, pos].set((batch["tokens"][:, pos] + 1) % cfg.vocab_size))
+  logits = lambda b: logits_of(model, params, forward(model, params, b)["hidden"])  # noqa: E731
+  a, c = logits(batch), logits(changed)
+  np.testing.assert_array_equal(a[:, :, :pos], c[:, :, :pos])
+  assert np.abs(a[:, :, pos:] - c[:, :, pos:]).max() > 1e-4  # later positions do see it
+  # A prefix token is visible to the whole prefix (full attention), also to earlier tokens.
+  changed = dict(batch, tokens=batch["tokens"].at[:, 3].set((batch["tokens"][:, 3] + 1) % cfg.vocab_size))
+  assert np.abs(logits(changed)[:, :, 1] - a[:, :, 1]).max() > 1e-4
+
+
+def test_image_less_examples_ignore_the_image():
+  cfg = tiny("connector", 2)
+  model, params = init(cfg)
+  params = randomize(params)
+  batch = dict(make_batch(cfg), image_mask=jnp.zeros((B,), jnp.int32))
+  other = dict(batch, image=-batch["image"])
+  out = lambda b: forward(model, params, b)["hidden"]  # noqa: E731
+  np.testing.assert_array_equal(out(batch), out(other))
+
+
+# ---- the connector -------------------------------------------------------------------
+
+
+def test_zero_init_connector_reproduces_step_one_input():
+  cfg = tiny("connector", 3)
+  model, params = init(cfg)
+  inputs = forward(model, params, make_batch(cfg))["step_inputs"]
+  np.testing.assert_array_equal(inputs[1], inputs[0])
+  np.testing.assert_array_equal(inputs[2], inputs[0])
+
+
+@pytest.mark.parametrize("projection", ["linear", "mlp"])
+def test_alpha_zero_reproduces_step_one_input(projection):
+  cfg = tiny("connector", 2, **{"connector.projection": projection})
+  model, params = init(cfg)
+  params = randomize(params)
+  params["recursion"]["step"]["connector"]["alpha"] = jnp.zeros_like(
+      params["recursion"]["step"]["connector"]["alpha"])
+  inputs = forward(model, params, make_batch(cfg))["step_inputs"]
+  np.testing.assert_array_equal(inputs[1], inputs[0])
+
+
+def test_connector_weights_are_modality_specific():
+  cfg = tiny("connector", 2)
+  nv = vlm.num_image_tokens(cfg)
+  model, params = init(cfg)
+  params = randomize(params)
+  batch = make_batch(cfg)
+  step2 = lambda p: forward(model, p, batch)["step_inputs"][1]  # noqa: E731
+  base = step2(params)
+  proj = params["recursion"]["step"]["connector"]["proj"]  # [k, modality, d, d]
+  for m, changed_slice, fixed_slice in [(0, slice(0, nv), slice(nv, None)),
+                                        (1, slice(nv, None), slice(0, nv))]:
+    p = jax.tree_util.tree_map(lambda x: x, params)
+    p["recursion"]["step"]["connector"]["proj"] = proj.at[:, m].add(0.5)
+    out = step2(p)
+    np.testing.assert_array_equal(out[:, fixed_slice], base[:, fixed_slice])
+    assert np.abs(out[:, changed_slice] - base[:, changed_slice]).max() > 1e-3
+
+
+def test_shared_projection_option_has_one_modality():
+  cfg = tiny("connector", 2, **{"connector.modality_specific": False})
+  _, params = init(cfg)
+  assert params["recursion"]["step"]["connector"]["proj"].shape[1] == 1
+
+
+def test_sampled_layers_are_evenly_spaced():
+  assert decoder_lib.sampled_layers(8, 4) == (2, 4, 6, 8)
+  assert decoder_lib.sampled_layers(6, 4) == (2, 3, 5, 6)
+  assert decoder_lib.sampled_layers(4, 1) == (4,)
+
+
+def test_num_steps_override_gives_any_depth():
+  cfg = tiny("connector", 3)
+  model, params = init(cfg)
+  params = randomize(params)
+  batch = make_batch(cfg)
+  full = forward(model, params, batch)["hidden"]
+  short = forward(model, params, batch, num_steps=2)["hidden"]
+  longer = forward(model, params, batch, num_steps=5)["hidden"]
+  np.testing.assert_allclose(short, full[:2], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(longer[:3], full, rtol=1e-6, atol=1e-6)
+  assert longer.shape[0] == 5
+
+
+# ---- real-scale presets (nothing allocated) -------------------------------------------
+
+
+@pytest.mark.parametrize("name,target", [("1b", 1e9), ("3b", 3e9)])
+def test_real_scale_preset_sizes(name, target):
+  cfg = presets.get_preset(name)
+  model = vlm.make_model(cfg)
+  s = cfg.vit.image_size
+  batch = dict(image=jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32),
+               image_mask=jax.ShapeDtypeStruct((1,), jnp.int32),
+               **{k: jax.ShapeDtypeStruct((1, 16), jnp.int32) for k in ("tokens", "input_mask", "mask_ar")})
+  n = count(nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"]))
+  assert abs(n - target) / target <= 0.05, n
+
+
+# ---- optimisation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,steps", [("none", 1), ("vanilla", 3), ("connector", 3)])
+def test_a_few_optimizer_steps_lower_the_loss(mode, steps):
+  cfg = tiny(mode, steps)
+  model, params = init(cfg)
+  batch = make_batch(cfg)
+  kind = "final_only" if mode == "vanilla" else "monotonic"
+  tx = optax.adam(3e-3)
+
+  def loss_fn(p):
+    out = model.apply({"params": p}, batch)
+    tok, _ = losses.per_step_token_losses(
+        lambda h: model.apply({"params": p}, h, method=model.logits), out["hidden"], batch["tokens"])
+    total, aux = losses.recursion_loss(tok, batch["mask_loss"][:, 1:], kind=kind)
+    return total, aux["loss_per_step"]
+
+  @jax.jit
+  def step(p, s):
+    (_, per_step), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, per_step, g
+
+  opt = tx.init(params)
+  first = None
+  for _ in range(8):
+    params, opt, per_step, grads = step(params, opt)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
+    first = per_step if first is None else first
+  # The monotonic total re-weights tokens as steps diverge, so it is not a monotone
+  # objective to watch; the cross-entropy at every depth is.
+  _, last = jax.jit(loss_fn)(params)
+  assert np.all(np.asarray(last) < 0.9 * np.asarray(first)), (first, last)
+  if mode == "connector":  # gradients reach the zero-initialised projections
+    assert float(jnp.abs(grads["recursion"]["step"]["connector"]["proj"]).max()) > 0
+
+
+# ---- bad configuration ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("connector.num_layers", 9, "connector.num_layers"),
+    ("recursion.num_steps", 0, "recursion.num_steps"),
+    ("decoder.num_heads", 3, "decoder.width"),
+    ("vit.patch_size", 5, "vit.image_size"),
+    ("recursion.mode", "looped", "recursion.mode"),
+    ("recursion.impl", "while", "recursion.impl"),
+    ("connector.fusion", "max", "connector.fusion"),
+    ("remat_policy", "some", "remat_policy"),
+])
+def test_bad_config_raises_naming_the_field(field, value, match):
+  cfg = tiny("connector", 2)
+  node = cfg
+  *path, leaf = field.split(".")
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    vlm.make_model(cfg)
+
+
+def test_standard_mode_rejects_more_than_one_step():
+  with pytest.raises(ValueError, match="recursion.num_steps"):
+    vlm.make_model(tiny("none", 2))
