@@ -24,6 +24,38 @@ def dense_init(axes: Sequence[str], init=nn.initializers.lecun_normal()):
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
+class Einsum(nn.Module):
+  """A projection with an explicitly shaped kernel: `einsum(eq, x, kernel) (+ bias)`.
+
+  flax's DenseGeneral initialises a flattened kernel and reshapes it, which breaks
+  logical partitioning of multi-axis kernels under a mesh; this keeps the kernel's
+  real shape (and its logical names) from the start.
+  """
+  eq: str
+  kernel_shape: tuple
+  kernel_axes: tuple
+  bias_axes: tuple | None = None   # None: no bias
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x_subs, rest = self.eq.split(",")
+    k_subs = rest.split("->")[0]
+    # Kernel dims contracted with x are its fan-in (lecun_normal), the rest fan-out.
+    in_axes = tuple(i for i, c in enumerate(k_subs) if c in x_subs)
+    out_axes = tuple(i for i in range(len(self.kernel_shape)) if i not in in_axes)
+    init = nn.initializers.lecun_normal(in_axis=in_axes, out_axis=out_axes)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        self.kernel_shape, jnp.float32)
+    y = jnp.einsum(self.eq, x, kernel.astype(self.dtype))
+    if self.bias_axes is not None:
+      bias_shape = tuple(self.kernel_shape[i] for i in out_axes)
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+                        bias_shape, jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class RMSNorm(nn.Module):
   eps: float = 1e-6
   axis_name: str = "norm"
@@ -92,9 +124,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, mask, positions):
     d = x.shape[-1]
-    proj = lambda n, h, axes: nn.DenseGeneral(  # noqa: E731
-        (h, self.head_dim), use_bias=False, dtype=self.dtype,
-        kernel_init=dense_init(axes), name=n)
+    proj = lambda n, h, axes: Einsum(  # noqa: E731
+        "btd,dhk->bthk", (d, h, self.head_dim), axes, dtype=self.dtype, name=n)
     q = proj("q", self.num_heads, ("embed", "heads", "head_dim"))(x)
     k = proj("k", self.num_kv_heads, ("embed", "kv_heads", "head_dim"))(x)
     v = proj("v", self.num_kv_heads, ("embed", "kv_heads", "head_dim"))(x)
@@ -106,8 +137,8 @@ class Attention(nn.Module):
     out = _masked_softmax_attention(q, k, v, mask, self.dtype)
     out = out.reshape(b, t, self.num_heads, self.head_dim)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
-    return nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, dtype=self.dtype,
-                           kernel_init=dense_init(("heads", "head_dim", "embed")), name="o")(out)
+    return Einsum("bthk,hkd->btd", (self.num_heads, self.head_dim, d),
+                  ("heads", "head_dim", "embed"), dtype=self.dtype, name="o")(out)
 
 
 class SwiGLU(nn.Module):
@@ -133,16 +164,14 @@ class VitAttention(nn.Module):
   def __call__(self, x):
     b, n, d = x.shape
     hd = d // self.num_heads
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, hd), dtype=self.dtype, name=name,
-        kernel_init=dense_init(("vit_embed", "heads", "head_dim")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")))
+    proj = lambda name: Einsum(  # noqa: E731
+        "bnd,dhk->bnhk", (d, self.num_heads, hd), ("vit_embed", "heads", "head_dim"),
+        bias_axes=("heads", "head_dim"), dtype=self.dtype, name=name)
     q, k, v = proj("q")(x), proj("k")(x), proj("v")(x)
     mask = jnp.ones((b, 1, n, n), bool)
     out = _masked_softmax_attention(q[:, :, :, None, :], k, v, mask, self.dtype)[:, :, :, 0, :]
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="o",
-                           kernel_init=dense_init(("heads", "head_dim", "vit_embed")),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vit_embed",)))(out)
+    return Einsum("bnhk,hkd->bnd", (self.num_heads, hd, d), ("heads", "head_dim", "vit_embed"),
+                  bias_axes=("vit_embed",), dtype=self.dtype, name="o")(out)
 
 
 class GeluMLP(nn.Module):

@@ -1,0 +1,228 @@
+"""Training and per-depth evaluation: `train_and_evaluate(config, workdir)`.
+
+One code path for 1 CPU, simulated devices and TPU pods: a mesh from config.mesh,
+logical axis rules, params created already sharded, a jitted state-donating step.
+Resume order: the workdir's latest good checkpoint > config.init_from (params only) >
+fresh init.
+"""
+import functools
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import linen as nn
+
+from rvlm import checkpointing
+from rvlm import data as data_lib
+from rvlm import evaluate
+from rvlm import losses
+from rvlm import metrics as metrics_lib
+from rvlm import optim
+from rvlm import sharding as sharding_lib
+from rvlm import steps
+from rvlm.models import vlm
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradients became NaN/Inf (config.train.nan_policy='stop')."""
+
+
+class _StopSignal:
+  """SIGTERM / SIGINT set a flag; the loop then saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. some test runners): no handler
+        pass
+    return self
+
+  def _handle(self, signum, _):
+    self.received = signal.Signals(signum).name
+    logging.warning("received %s: saving a checkpoint and stopping", self.received)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def check_config(config):
+  vlm.check_model_config(config.model)
+  losses.check_loss_config(config.loss, config.model.recursion.num_steps)
+  t = config.train
+  for field in ("total_steps", "log_every", "eval_every", "checkpoint_every",
+                "keep_checkpoints", "grad_accum_steps"):
+    if int(t[field]) < 1:
+      raise ValueError(f"config.train.{field}={t[field]} must be >= 1")
+  if config.data.batch_size % t.grad_accum_steps:
+    raise ValueError(f"config.data.batch_size={config.data.batch_size} is not divisible by "
+                     f"config.train.grad_accum_steps={t.grad_accum_steps}")
+  if t.checkpoint_every % t.log_every:
+    logging.warning("config.train.checkpoint_every=%d is not a multiple of log_every=%d: a "
+                    "resumed run's first logged window will differ from an uninterrupted one",
+                    t.checkpoint_every, t.log_every)
+  if t.nan_policy not in ("stop", "skip"):
+    raise ValueError(f"config.train.nan_policy={t.nan_policy!r}: choose 'stop' or 'skip'")
+
+
+def _dummy_batch(config, batch_size):
+  s, t = config.model.vit.image_size, config.data.seq_len
+  return {"image": jnp.zeros((batch_size, s, s, 3), jnp.float32),
+          "image_mask": jnp.ones((batch_size,), jnp.int32),
+          **{k: jnp.zeros((batch_size, t), jnp.int32)
+             for k in ("tokens", "input_mask", "mask_ar", "mask_loss")}}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains per `config`, evaluating every depth periodically and at the end.
+
+  Returns the final results dict (also written to workdir/results.json).
+  """
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  total_steps = int(config.train.total_steps)
+
+  # ---- mesh ----------------------------------------------------------------------
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config.mesh)
+  sharding_lib.check_batch_size(config.data.batch_size, mesh)
+  logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # ---- data ----------------------------------------------------------------------
+  train_iter = data_lib.build_train_iterator(config, jax.process_index(), jax.process_count())
+  eval_splits = {
+      split: data_lib.build_eval_batches(config, split, config.eval.batch_size,
+                                         config.eval.num_examples, jax.process_index(),
+                                         jax.process_count())
+      for split in config.eval.splits}
+  family_names = data_lib.family_names(config)
+
+  # ---- model and optimizer -------------------------------------------------------
+  model = vlm.make_model(config.model)
+  tx, lr_schedule = optim.make_optimizer(config.optim, total_steps)
+
+  def init_state(rng):
+    params_rng, state_rng = jax.random.split(rng)
+    params = model.init(params_rng, _dummy_batch(config, 1))["params"]
+    return {"params": params, "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+
+  # ---- shardings -----------------------------------------------------------------
+  rng = jax.random.PRNGKey(config.seed)
+  abstract, state_shardings = sharding_lib.abstract_state_and_shardings(init_state, mesh, rules, rng)
+  _, param_count = metrics_lib.log_parameter_overview(abstract["params"])
+  logging.info("parameters: %d", param_count)
+
+  # ---- checkpoint load -----------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir),
+                                    keep=config.train.keep_checkpoints, config=config)
+  if ckpt.latest_step() is not None:
+    state, data_state, first_step = ckpt.restore(abstract)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, first_step)
+  else:
+    state = sharding_lib.init_sharded(init_state, state_shardings, mesh, rules, rng)
+    first_step = 0
+    if config.init_from:
+      params = checkpointing.load_params(config.init_from, abstract["params"])
+      state = dict(state, params=params,
+                   opt_state=jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params))
+      logging.info("initialised params from %s", config.init_from)
+
+  # ---- step functions ------------------------------------------------------------
+  repl = sharding_lib.replicated(mesh)
+  batch_sharding = sharding_lib.data_sharding(mesh)
+  train_fn = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                        loss_cfg=config.loss, accum=config.train.grad_accum_steps,
+                        skip_nonfinite=config.train.nan_policy == "skip"),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
+                    in_shardings=(state_shardings["params"], batch_sharding), out_shardings=repl)
+
+  def run_evals(step):
+    results = {}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      for split, batches in eval_splits.items():
+        results[split] = evaluate.evaluate_split(eval_fn, state["params"], batches, mesh, family_names)
+    for split, res in results.items():
+      writer.write_scalars(step, evaluate.scalars(split, res))
+      logging.info("step %d %s accuracy by depth %s (majority %.3f)", step, split,
+                   {d: round(a, 4) for d, a in res["accuracy_by_depth"].items()},
+                   res["majority_baseline"])
+    return results
+
+  # ---- loop ----------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir)
+  if first_step == 0:
+    writer.write_hparams({**config.to_dict(), "param_count": param_count})
+  progress = metrics_lib.ProgressReporter(total_steps, config.data.batch_size,
+                                          config.train.log_every)
+  acc = None
+  step = first_step
+  with _StopSignal() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    while step < total_steps:
+      batch = sharding_lib.make_global_batch(next(train_iter), mesh)
+      state, step_metrics = train_fn(state, batch)
+      step += 1
+      acc = metrics_lib.merge_metrics(acc, step_metrics)
+      progress(step)
+      save_now = (step % config.train.checkpoint_every == 0 or step == total_steps
+                  or stop.received)
+      if step % config.train.log_every == 0 or step == total_steps or save_now:
+        scalars = metrics_lib.compute_metrics(acc)
+        if scalars["nonfinite"] > 0:  # checked before any save: never save a NaN state
+          _handle_nonfinite(config, step, scalars, ckpt)
+      if step % config.train.log_every == 0 or step == total_steps:
+        acc = None
+        scalars.update(progress.metrics())
+        scalars.update({f"data/skipped/{k}": v for k, v in data_lib.skip_counts().items()})
+        writer.write_scalars(step, scalars)
+        alpha = scalars.get("connector/alpha_mean_abs")
+        if alpha is not None and alpha < 1e-3:
+          logging.warning("connector residual scale |alpha| = %.2e: recursion has switched "
+                          "itself off", alpha)
+      if save_now:
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+      if step % config.train.eval_every == 0 and step != total_steps:
+        run_evals(step)
+      if stop.received:
+        ckpt.close()
+        writer.close()
+        logging.info("stopped by %s at step %d; checkpoint saved", stop.received, step)
+        return None
+
+  # ---- final evaluation ----------------------------------------------------------
+  results = run_evals(step)
+  primary = "test" if "test" in results else next(iter(results))
+  payload = evaluate.write_results(workdir, step, results, primary) if jax.process_index() == 0 else None
+  ckpt.close()
+  writer.close()
+  if hasattr(train_iter, "close"):
+    train_iter.close()
+  return payload
+
+
+def _handle_nonfinite(config, step, scalars, ckpt):
+  if config.train.nan_policy == "skip":
+    logging.warning("non-finite loss or gradients before step %d: those updates were skipped",
+                    step)
+    return
+  ckpt.wait()
+  raise NonFiniteLossError(
+      f"non-finite loss or gradients before step {step} (loss={scalars['loss']}, "
+      f"grad_norm={scalars['grad_norm']}); stopping without saving. The last good "
+      f"checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is untouched. "
+      "Lower config.optim.lr or set config.train.nan_policy='skip'.")
