@@ -39,12 +39,13 @@ class Connector(nn.Module):
     return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
 
   def _project(self, x, kernels, m):
-    """x: [k, B, n, d] tokens of modality m -> [k, B, n, d]."""
-    w = kernels[0][:, m].astype(self.dtype)
-    if self.projection == "linear":
-      return jnp.einsum("kbnd,kde->kbne", x, w)
-    h = nn.gelu(jnp.einsum("kbnd,kde->kbne", x, w), approximate=True)
-    return jnp.einsum("kbnd,kde->kbne", h, kernels[1][:, m].astype(self.dtype))
+    """x: [k, B, n, d] tokens of modality m -> [k, B, n, d] (batched 2-D matmuls over k)."""
+    k, b, n, d = x.shape
+    mm = lambda a, w: jnp.einsum("kxd,kde->kxe", a, w[:, m].astype(self.dtype))  # noqa: E731
+    y = mm(x.reshape(k, b * n, d), kernels[0])
+    if self.projection == "mlp":
+      y = mm(nn.gelu(y, approximate=True), kernels[1])
+    return y.reshape(k, b, n, -1)
 
   @nn.compact
   def __call__(self, sampled, e0, e_prev):

@@ -45,9 +45,8 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images):
     x = patchify(images.astype(self.dtype), self.patch_size)
-    x = nn.Dense(self.width, dtype=self.dtype, name="patch_embed",
-                 kernel_init=layers.dense_init(("patch", "vit_embed")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vit_embed",)))(x)
+    x = layers.Dense((self.width,), ("patch", "vit_embed"), bias_axes=("vit_embed",),
+                     dtype=self.dtype, name="patch_embed")(x)
     pos = self.param("pos_embedding",
                      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vit_pos", "vit_embed")),
                      (x.shape[1], self.width), jnp.float32)
@@ -69,9 +68,8 @@ class Projector(nn.Module):
   @nn.compact
   def __call__(self, x):
     if self.kind == "linear":
-      return nn.Dense(self.width, dtype=self.dtype, name="linear",
-                      kernel_init=layers.dense_init(("vit_embed", "embed")),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(x)
+      return layers.Dense((self.width,), ("vit_embed", "embed"), bias_axes=("embed",),
+                          dtype=self.dtype, name="linear")(x)
     if self.kind == "mlp":
       return layers.GeluMLP(self.width, in_axis="vit_embed", hidden_axis="mlp", out_axis="embed",
                             out_features=self.width, dtype=self.dtype, name="mlp")(x)

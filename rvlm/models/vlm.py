@@ -98,8 +98,7 @@ class VLM(nn.Module):
                                stack_kwargs, connector_kwargs)
     self.final_norm = layers.RMSNorm(dec.norm_eps)
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype,
-                              kernel_init=layers.dense_init(("embed", "vocab")))
+      self.lm_head = layers.Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=dtype)
 
   def embed_inputs(self, batch):
     """Step-1 input E_0 [B, N, d] and the full-sequence input_mask / mask_ar."""
@@ -134,7 +133,7 @@ class VLM(nn.Module):
     """The shared final RMSNorm + LM head: [..., d] -> [..., V] float32."""
     h = self.final_norm(hidden)
     if self.cfg.tie_embeddings:
-      out = self.embed.attend(h)
+      out = layers.matmul_last(h, self.embed.embedding.T.astype(h.dtype))
     else:
       out = self.lm_head(h)
     return nn.with_logical_constraint(out.astype(jnp.float32), ("act_batch", "act_len", "act_vocab"))
