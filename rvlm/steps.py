@@ -60,7 +60,7 @@ def train_step(state, batch, *, model, tx, lr_schedule, loss_cfg, accum=1, skip_
   """One optimizer update. Returns (new_state, metrics dict of clu metrics)."""
   params = state["params"]
   total, grads, tok, correct = _grads(params, batch, model=model, loss_cfg=loss_cfg, accum=accum)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)

@@ -172,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                           config.train.log_every)
   acc = None
   step = first_step
+  window_start = step + 1  # first step of the current logging window
   with _StopSignal() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < total_steps:
       batch = sharding_lib.make_global_batch(next(train_iter), mesh)
@@ -184,9 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if step % config.train.log_every == 0 or step == total_steps or save_now:
         scalars = metrics_lib.compute_metrics(acc)
         if scalars["nonfinite"] > 0:  # checked before any save: never save a NaN state
-          _handle_nonfinite(config, step, scalars, ckpt)
+          _handle_nonfinite(config, window_start, step, scalars, ckpt)
       if step % config.train.log_every == 0 or step == total_steps:
-        acc = None
+        acc, window_start = None, step + 1
         scalars.update(progress.metrics())
         scalars.update({f"data/skipped/{k}": v for k, v in data_lib.skip_counts().items()})
         writer.write_scalars(step, scalars)
@@ -195,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           logging.warning("connector residual scale |alpha| = %.2e: recursion has switched "
                           "itself off", alpha)
       if save_now:
+        writer.flush()  # logs up to this step reach disk before the checkpoint does
         ckpt.save(step, state, train_iter.get_state(), force=True)
       if step % config.train.eval_every == 0 and step != total_steps:
         run_evals(step)
@@ -215,14 +217,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return payload
 
 
-def _handle_nonfinite(config, step, scalars, ckpt):
+def _handle_nonfinite(config, first, last, scalars, ckpt):
+  where = f"step {last}" if first == last else f"steps {first}-{last}"
   if config.train.nan_policy == "skip":
-    logging.warning("non-finite loss or gradients before step %d: those updates were skipped",
-                    step)
+    logging.warning("non-finite loss or gradients in %s: those updates were skipped", where)
     return
   ckpt.wait()
   raise NonFiniteLossError(
-      f"non-finite loss or gradients before step {step} (loss={scalars['loss']}, "
+      f"non-finite loss or gradients in {where} (loss={scalars['loss']}, "
       f"grad_norm={scalars['grad_norm']}); stopping without saving. The last good "
       f"checkpoint (step {ckpt.latest_step()}) in {ckpt.directory} is untouched. "
       "Lower config.optim.lr or set config.train.nan_policy='skip'.")

@@ -7,6 +7,14 @@ if "xla_force_host_platform_device_count" not in flags:
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
 
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+# One persistent XLA compilation cache for the whole test session, inherited by the
+# training subprocesses the end-to-end tests start: identical programs compile once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rvlm_jax_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 # Configs live outside the package; make `configs.*` importable in tests.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
