@@ -6,7 +6,7 @@ import pytest
 from rvlm import losses
 from rvlm.models import vlm
 
-CONFIGS = ["configs.base", "configs.debug", "configs.llava_format", "configs.experiments.standard",
+CONFIGS = ["configs.base", "configs.debug", "configs.multihop", "configs.llava_format", "configs.experiments.standard",
            "configs.experiments.vanilla", "configs.experiments.rvlm"]
 
 
