@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import base
+from configs import multihop  # the full family mix
 from rvlm.data import embedded
 from rvlm.data import families
 from rvlm.data import pipeline
@@ -17,7 +17,7 @@ ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 def _source(split="train", config=None, **overrides):
-  c = config or base.get_config()
+  c = config or multihop.get_config()
   for k, v in overrides.items():
     c.data.embedded[k] = v
   return embedded.EmbeddedSource(
@@ -111,7 +111,7 @@ def test_every_answer_matches_an_independent_solver(split):
 # family is 1/k in expectation; over 160*k examples per family each share must lie
 # within 1/k +- 0.35/k (more than 4 standard deviations of the sampling noise).
 def test_answers_balanced_within_each_family():
-  spec = embedded.make_spec(base.get_config().data.embedded, 32, 8, comp=False)
+  spec = embedded.make_spec(multihop.get_config().data.embedded, 32, 8, comp=False)
   for name in families.FAMILIES:
     answers = families.answer_set(name, spec)
     k = len(answers)
@@ -129,7 +129,7 @@ def _pairs(scene):
 
 
 def test_compositional_split_holds_out_colour_shape_pairs():
-  c = base.get_config()
+  c = multihop.get_config()
   heldout = {(scenes.COLOUR_NAMES.index(p.split()[0]), scenes.SHAPES.index(p.split()[1]))
              for p in c.data.embedded.heldout_pairs.split(",")}
   for split in ("train", "val", "test"):
@@ -162,7 +162,7 @@ def test_splits_use_disjoint_seed_streams():
 
 
 def test_grid_follows_the_model_image_and_patch_size():
-  c = base.get_config()
+  c = multihop.get_config()
   c.model.vit.image_size, c.model.vit.patch_size = 48, 8
   rec = _source(config=c, max_hops=5)[3]
   assert rec["image"].shape == (48, 48, 3)
@@ -195,14 +195,14 @@ def test_render_places_each_object_inside_its_patch():
     ("max_count", 7, "max_count"),
 ])
 def test_bad_embedded_config_is_a_value_error_naming_the_field(field, value, match):
-  c = base.get_config()
+  c = multihop.get_config()
   c.data.embedded[field] = value
   with pytest.raises(ValueError, match=match):
     pipeline.validate(c)
 
 
 def test_seq_len_too_short_is_reported_up_front():
-  c = base.get_config()
+  c = multihop.get_config()
   c.data.seq_len = 16
   with pytest.raises(ValueError, match="config.data.seq_len=16"):
     pipeline.validate(c)

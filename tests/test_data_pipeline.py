@@ -4,13 +4,13 @@ import json
 import numpy as np
 import pytest
 
-from configs import base
+from configs import multihop  # the full family mix
 from rvlm import data
 from rvlm.data import families
 
 
 def _config(**data_overrides):
-  c = base.get_config()
+  c = multihop.get_config()
   c.data.batch_size = 16
   for k, v in data_overrides.items():
     c.data[k] = v
@@ -100,7 +100,7 @@ def test_processes_split_the_global_batch():
   full = next(whole)
   for p in parts + [whole]:
     p.close()
-  assert all(b["tokens"].shape == (8, 32) for b in batches)
+  assert all(b["tokens"].shape == (8, c.data.seq_len) for b in batches)
   rows = lambda b: {bytes(b["image"][r]) + bytes(b["tokens"][r]) for r in range(len(b["tokens"]))}  # noqa: E731,E501
   assert not rows(batches[0]) & rows(batches[1])
   assert rows(batches[0]) | rows(batches[1]) == rows(full)

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import base
+from configs import multihop  # the full family mix
 from rvlm import data
 from rvlm.data import pipeline
 from rvlm.data import tfds_embedded
@@ -15,7 +15,7 @@ ROOT = __file__.rsplit("/tests/", 1)[0]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-  c = base.get_config()
+  c = multihop.get_config()
   c.data.tfds_dir = str(tmp_path_factory.mktemp("tfds"))
   c.data.embedded.update(dict(num_train=48, num_val=16, num_test=16))
   tfds_embedded.build(c)
@@ -52,8 +52,8 @@ def test_embedded_tfds_batches_equal_embedded_batches(built):
 
 def test_read_back_in_a_fresh_process(built):
   code = ("import sys; sys.path.insert(0, %r); import numpy as np; "
-          "from rvlm.data import tfds_embedded; from configs import base; "
-          "c = base.get_config(); c.data.tfds_dir = %r; "
+          "from rvlm.data import tfds_embedded; from configs import multihop; "
+          "c = multihop.get_config(); c.data.tfds_dir = %r; "
           "c.data.embedded.update(dict(num_train=48, num_val=16, num_test=16)); "
           "r = tfds_embedded.TfdsSource(c, 'test')[5]; "
           "print(int(r['image'].astype(np.int64).sum()), r['turns'][0][0])"

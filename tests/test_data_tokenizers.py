@@ -5,7 +5,7 @@ import sys
 import ml_collections
 import pytest
 
-from configs import base
+from configs import multihop  # the full family mix
 from rvlm import data
 from rvlm.data import embedded
 from rvlm.data import tokenizers
@@ -20,7 +20,7 @@ def _tok_config(**fields):
 
 
 def _questions(n=300):
-  c = base.get_config()
+  c = multihop.get_config()
   src = embedded.EmbeddedSource(c.data.embedded, image_size=32, patch_size=8, seed=0,
                                 split="train")
   return [t for i in range(n) for t in src.text(i)[1:3]]
@@ -58,7 +58,7 @@ def test_sentencepiece_trained_here_loads_and_round_trips(tmp_path):
 def test_train_tokenizer_command(tmp_path):
   out = tmp_path / "tok" / "sp.model"
   subprocess.run([sys.executable, "-m", "rvlm.data.train_tokenizer",
-                  f"--config={ROOT}/configs/base.py", f"--out={out}", "--vocab_size=100",
+                  f"--config={ROOT}/configs/multihop.py", f"--out={out}", "--vocab_size=100",
                   "--num_examples=500"], check=True, cwd=ROOT, capture_output=True)
   tok = data.get_tokenizer(_tok_config(kind="sentencepiece", path=str(out)))
   assert tok.decode(tok.encode("is there a small circle ?")) == "is there a small circle ?"
@@ -94,7 +94,7 @@ def test_hf_tokenizer_json_loads_and_round_trips(tmp_path):
 
 def test_pipeline_with_a_sentencepiece_tokenizer(tmp_path):
   path = train_tokenizer.train(_questions(), str(tmp_path / "sp.model"), vocab_size=120)
-  c = base.get_config()
+  c = multihop.get_config()
   c.data.batch_size = 8
   c.data.tokenizer.kind, c.data.tokenizer.path = "sentencepiece", path
   it = data.build_train_iterator(c)
@@ -111,7 +111,7 @@ def test_tokenizer_errors_name_the_field():
     tokenizers.get_tokenizer(_tok_config(kind="gpt"))
   with pytest.raises(ValueError, match="config.data.tokenizer.path"):
     tokenizers.get_tokenizer(_tok_config(kind="sentencepiece"))
-  c = base.get_config()
+  c = multihop.get_config()
   c.model.vocab_size = 64
   with pytest.raises(ValueError, match="config.model.vocab_size=64"):
     data.build_train_iterator(c)
