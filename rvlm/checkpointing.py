@@ -28,6 +28,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from rvlm.utils import tree as tree_util
+
 CHECKPOINT_SUBDIR = "checkpoints"
 _MAX_LISTED = 20  # mismatching paths shown in an error; the rest are counted
 
@@ -69,13 +71,6 @@ def _decode_data_state(obj):
   return obj["value"]
 
 
-def _key_name(key):
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def _shapes_by_path(tree):
   """{'a/b/0/c': shape} for every array-like leaf; containers of any kind agree.
 
@@ -89,7 +84,7 @@ def _shapes_by_path(tree):
       continue
     if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
       shape = jax.eval_shape(jax.random.key_data, leaf).shape
-    out["/".join(_key_name(k) for k in path)] = tuple(shape)
+    out[tree_util.path_str(path)] = tuple(shape)
   return out
 
 

@@ -243,16 +243,21 @@ def log_parameter_overview(params, include_stats=False):
 # ---- representation similarity -----------------------------------------------------
 
 
-def linear_cka(x, y):
+def linear_cka(x, y, mask=None):
   """Linear CKA between [N, Dx] and [N, Dy] features (Kornblith et al., 2019).
 
   CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc.
   Invariant to orthogonal transforms and isotropic scaling; 1 for identical features.
+  `mask` [N] (optional) keeps only rows with mask 1 (e.g. real tokens, not padding),
+  with static shapes so it works under jit.
   """
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.float32)
-  x = x - x.mean(axis=0, keepdims=True)
-  y = y - y.mean(axis=0, keepdims=True)
+  m = jnp.ones(x.shape[:1], jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
+  m = m[:, None]
+  n = jnp.maximum(m.sum(), 1.0)
+  x = (x - (x * m).sum(axis=0, keepdims=True) / n) * m
+  y = (y - (y * m).sum(axis=0, keepdims=True) / n) * m
   cross = jnp.sum((y.T @ x) ** 2)
   norm_x = jnp.sqrt(jnp.sum((x.T @ x) ** 2))
   norm_y = jnp.sqrt(jnp.sum((y.T @ y) ** 2))

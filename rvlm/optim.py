@@ -17,19 +17,10 @@ import jax
 import optax
 from flax import linen as nn
 
+from rvlm.utils import tree as tree_util
+
 _SCHEDULES = ("cosine", "constant")
 _NAMES = ("adamw",)
-
-
-def _key_name(key):
-  """One path entry as text: dict key, attribute name or sequence index."""
-  if isinstance(key, jax.tree_util.DictKey):
-    return str(key.key)
-  if isinstance(key, jax.tree_util.GetAttrKey):
-    return key.name
-  if isinstance(key, jax.tree_util.SequenceKey):
-    return str(key.idx)
-  return str(key)
 
 
 def _is_box(x):
@@ -41,7 +32,7 @@ def _is_box(x):
 def param_paths(tree):
   """Returns a tree of the same structure with each leaf's '/'-joined path."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: "/".join(_key_name(k) for k in path), tree, is_leaf=_is_box)
+      lambda path, _: tree_util.path_str(path), tree, is_leaf=_is_box)
 
 
 def _compile(regexes, field):

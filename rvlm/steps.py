@@ -86,17 +86,6 @@ def train_step(state, batch, *, model, tx, lr_schedule, loss_cfg, accum=1, skip_
   return new_state, metrics_lib.make_metrics(averages=averages, last_values=last, mask=mask)
 
 
-def _masked_cka(x, y, mask):
-  """Linear CKA over the real tokens: x, y [B, N, d], mask [B, N]."""
-  m = mask.reshape(-1, 1).astype(jnp.float32)
-  x, y = x.reshape(-1, x.shape[-1]) * m, y.reshape(-1, y.shape[-1]) * m
-  n = jnp.maximum(m.sum(), 1.0)
-  x = (x - x.sum(0) / n) * m
-  y = (y - y.sum(0) / n) * m
-  cross = jnp.sum((y.T @ x) ** 2)
-  return cross / jnp.sqrt(jnp.sum((x.T @ x) ** 2) * jnp.sum((y.T @ y) ** 2))
-
-
 def eval_step(params, batch, *, model, num_steps=None):
   """Teacher-forced evaluation at every depth from one pass of R steps.
 
@@ -126,5 +115,6 @@ def eval_step(params, batch, *, model, num_steps=None):
       "hidden_norm_sum": hidden_norm,
       "real_tokens": jnp.sum(real),
       "real_text_tokens": jnp.sum(text_real),
-      "cka_with_e0": jax.vmap(lambda h: _masked_cka(h, inputs[0], real))(inputs),
+      "cka_with_e0": jax.vmap(lambda h: metrics_lib.linear_cka(
+          h.reshape(-1, h.shape[-1]), inputs[0].reshape(-1, h.shape[-1]), real.reshape(-1)))(inputs),
   }

@@ -149,3 +149,17 @@ def test_linear_cka_reference_and_invariances():
   independent = float(cka(x, rng.normal(size=(64, 12))))
   assert independent < 0.5
   np.testing.assert_allclose(cka(x, y), cka(y, x), rtol=1e-5)
+
+
+def test_linear_cka_mask_ignores_masked_rows():
+  rng = np.random.default_rng(3)
+  x, y = rng.normal(size=(40, 6)), rng.normal(size=(40, 5))
+  mask = (np.arange(40) < 25).astype(np.float32)
+  # Masked rows hold garbage that would change an unmasked CKA.
+  x_bad, y_bad = x.copy(), y.copy()
+  x_bad[25:] *= 100.0
+  y_bad[25:] = -y_bad[25:] * 50.0
+  masked = float(metrics.linear_cka(x_bad, y_bad, mask))
+  subset = float(metrics.linear_cka(x[:25], y[:25]))
+  assert masked == pytest.approx(subset, rel=1e-5)
+  assert float(metrics.linear_cka(x_bad, y_bad)) != pytest.approx(subset, rel=1e-2)
