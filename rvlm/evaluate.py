@@ -94,6 +94,7 @@ def plot_accuracy_by_depth(path, results):
     line, = ax.plot([int(d) for d in depths], [res["accuracy_by_depth"][d] for d in depths],
                     marker="o", label=split)
     ax.axhline(res["majority_baseline"], color=line.get_color(), ls=":", lw=1)
+  ax.set_xticks(sorted({int(d) for res in results.values() for d in res["accuracy_by_depth"]}))
   ax.set_xlabel("recursion depth r")
   ax.set_ylabel("exact-match accuracy")
   ax.set_title("accuracy by depth (dotted: majority answer)")
