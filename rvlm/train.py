@@ -12,7 +12,6 @@ import signal
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 from flax import linen as nn
 

@@ -10,7 +10,6 @@ copy, compile time flat in R); `impl='loop'` calls the same bound submodule R ti
 Both build the identical param tree (`step/stack/...`, `step/connector/...`) and give
 equal outputs; no params are ever duplicated across steps.
 """
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
