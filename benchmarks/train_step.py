@@ -6,12 +6,13 @@ Runs on synthetic batches of the config's shapes (no data pipeline), so it isola
 model + optimizer; compare with benchmarks/data_throughput.py for the input side.
 """
 import functools
+import os
+import sys
 import time
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 from ml_collections import config_flags
 import numpy as np
@@ -19,7 +20,11 @@ import numpy as np
 from rvlm import optim
 from rvlm import sharding as sharding_lib
 from rvlm import steps
+from rvlm import train
 from rvlm.models import vlm
+
+# Config files import `configs.*` (e.g. configs/debug.py builds on configs/base.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 config_flags.DEFINE_config_file("config", "configs/base.py", "Config file.", lock_config=True)
 flags.DEFINE_integer("iters", 20, "Timed steps after warm-up.")
@@ -47,10 +52,7 @@ def main(_):
   tx, lr = optim.make_optimizer(config.optim, config.train.total_steps)
   b = config.data.batch_size
 
-  def init_state(rng):
-    params = model.init(rng, jax.tree.map(jnp.asarray, synthetic_batch(config, 1)))["params"]
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": rng}
+  init_state = functools.partial(train.init_train_state, model=model, tx=tx, config=config)
 
   rng = jax.random.PRNGKey(0)
   _, shardings = sharding_lib.abstract_state_and_shardings(init_state, mesh, rules, rng)

@@ -73,12 +73,22 @@ def check_config(config):
     raise ValueError(f"config.train.nan_policy={t.nan_policy!r}: choose 'stop' or 'skip'")
 
 
-def _dummy_batch(config, batch_size):
+def dummy_batch(config, batch_size):
+  """Zeros of the batch contract's shapes: enough to build params and shardings."""
   s, t = config.model.vit.image_size, config.data.seq_len
   return {"image": jnp.zeros((batch_size, s, s, 3), jnp.float32),
           "image_mask": jnp.ones((batch_size,), jnp.int32),
           **{k: jnp.zeros((batch_size, t), jnp.int32)
              for k in ("tokens", "input_mask", "mask_ar", "mask_loss")}}
+
+
+def init_train_state(rng, *, model, tx, config):
+  """A fresh train state {params, opt_state, step, rng}, params still boxed with their
+  logical names (sharding_lib derives shardings from them)."""
+  params_rng, state_rng = jax.random.split(rng)
+  params = model.init(params_rng, dummy_batch(config, 1))["params"]
+  return {"params": params, "opt_state": tx.init(params),
+          "step": jnp.zeros((), jnp.int32), "rng": state_rng}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
@@ -110,11 +120,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   model = vlm.make_model(config.model)
   tx, lr_schedule = optim.make_optimizer(config.optim, total_steps)
 
-  def init_state(rng):
-    params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, _dummy_batch(config, 1))["params"]
-    return {"params": params, "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32), "rng": state_rng}
+  init_state = functools.partial(init_train_state, model=model, tx=tx, config=config)
 
   # ---- shardings -----------------------------------------------------------------
   rng = jax.random.PRNGKey(config.seed)

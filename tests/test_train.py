@@ -52,7 +52,7 @@ def final_params(workdir):
   c = config()
   model = vlm.make_model(c.model)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                     train._dummy_batch(c, 1))["params"])  # pylint: disable=protected-access
+                                     train.dummy_batch(c, 1))["params"])
   step = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir)).latest_step()
   params = checkpointing.load_params(workdir, abstract)
   return step, jax.tree.map(np.asarray, params)
