@@ -119,4 +119,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
   c.init_from = ""         # params-only initialisation from another workdir's checkpoint
+  # Regexes of param paths that may be absent from the init_from checkpoint and keep
+  # their fresh init, e.g. (".*connector.*",) to make a trained standard model recursive.
+  c.init_from_allow_new = ()
   return c

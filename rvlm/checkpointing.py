@@ -23,10 +23,12 @@ import base64
 import importlib.metadata
 import json
 import os
+import re
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 
 from rvlm.utils import tree as tree_util
 
@@ -257,23 +259,41 @@ def _resolve_step_dir(path):
   return os.path.join(ckpt_dir, str(max(steps)))
 
 
-def load_params(path, abstract_params):
+def load_params(path, abstract_params, fresh_params=None, allow_new=()):
   """Params only (no optimizer state, step or data) from another run's checkpoint.
 
   `path` is a workdir, its checkpoint directory or one step directory.
   `abstract_params` is an unboxed tree of ShapeDtypeStructs (with `.sharding` to get
   sharded arrays). Shapes must match exactly; mismatches are listed by path.
+
+  `allow_new`: regexes of param paths ('recursion/step/connector/...') the model may
+  have and the checkpoint lack, e.g. a Recursive Connector added to a trained standard
+  model. Those keep their value in `fresh_params` (the freshly initialised tree);
+  every other mismatch still raises.
   """
   step_dir = _resolve_step_dir(path)
   state_dir = os.path.join(step_dir, "state")
-  target = {"params": abstract_params}
   with ocp.PyTreeCheckpointer() as ckptr:
     saved = ckptr.metadata(state_dir).item_metadata.tree
     if "params" not in saved:
       raise ValueError(f"config.init_from: {state_dir} holds no 'params' "
                        f"(top-level keys: {sorted(saved)})")
+    flat_want = traverse_util.flatten_dict(abstract_params, sep="/")
+    saved_paths = set(_shapes_by_path(saved["params"]))
+    new = sorted(p for p in flat_want
+                 if p not in saved_paths and any(re.fullmatch(rx, p) for rx in allow_new))
+    if new and fresh_params is None:
+      raise ValueError("load_params: allow_new needs fresh_params for " + ", ".join(new))
+    target = {"params": traverse_util.unflatten_dict(
+        {p: v for p, v in flat_want.items() if p not in new}, sep="/")}
     check_shapes({"params": saved["params"]}, target, f"config.init_from: {step_dir}")
     restored = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=_restore_args(target), partial_restore=True))
-  logging.info("Loaded params from %s", step_dir)
-  return restored["params"]
+  if not new:
+    logging.info("Loaded params from %s", step_dir)
+    return restored["params"]
+  logging.info("Loaded params from %s; freshly initialised (not in the checkpoint): %s",
+               step_dir, ", ".join(new))
+  flat = traverse_util.flatten_dict(fresh_params, sep="/")
+  flat.update(traverse_util.flatten_dict(restored["params"], sep="/"))
+  return traverse_util.unflatten_dict(flat, sep="/")

@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from rvlm import metrics
 from rvlm import train
 
 FLAGS = flags.FLAGS
@@ -21,17 +22,10 @@ flags.mark_flags_as_required(["workdir"])
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 
 
-class _QuietLibraries:
-  """Drops INFO chatter of orbax / tensorstore (several lines per save) from the log."""
-
-  def filter(self, record):
-    return record.levelno > 20 or "/orbax/" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  metrics.quiet_library_logs()
   if os.environ.get("RVLM_JAX_INIT"):  # multi-host launches (launch/) set this
     jax.distributed.initialize()
   logging.info("process %d/%d, local devices %s", jax.process_index(), jax.process_count(),

@@ -223,6 +223,20 @@ class ProgressReporter:
     return {"steps_per_sec": self.steps_per_sec, "examples_per_sec": self.examples_per_sec}
 
 
+# ---- logs -------------------------------------------------------------------------
+
+
+class _QuietLibraries:
+  """Drops INFO chatter of orbax / tensorstore (several lines per save) from the log."""
+
+  def filter(self, record):
+    return record.levelno > 20 or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs():
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 # ---- parameters --------------------------------------------------------------------
 
 

@@ -140,7 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     state = sharding_lib.init_sharded(init_state, state_shardings, mesh, rules, rng)
     first_step = 0
     if config.init_from:
-      params = checkpointing.load_params(config.init_from, abstract["params"])
+      params = checkpointing.load_params(config.init_from, abstract["params"],
+                                         fresh_params=state["params"],
+                                         allow_new=tuple(config.get("init_from_allow_new", ())))
       state = dict(state, params=params,
                    opt_state=jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params))
       logging.info("initialised params from %s", config.init_from)

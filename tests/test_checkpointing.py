@@ -199,3 +199,21 @@ def test_load_params_errors(tmp_path, mesh):
   with pytest.raises(ValueError, match=r"params/dec/kernel: checkpoint \(8, 8\) vs model "
                                        r"\(8, 16\)"):
     checkpointing.load_params(str(tmp_path), wider)
+
+
+def test_load_params_allow_new_keeps_fresh_values_for_new_modules(tmp_path, mesh):
+  # A trained standard model made recursive: the checkpoint lacks the connector.
+  saved = _state(mesh, value=3.0)
+  with _ckpt(tmp_path) as ckpt:
+    ckpt.save(1, saved)
+  fresh = dict(saved["params"], dec=dict(saved["params"]["dec"], kernel=saved["params"]["dec"]["kernel"] * 0),
+               connector={"proj": jnp.full((8, 8), 7.0)})
+  abstract = _abstract(fresh, sharding=NamedSharding(mesh, P()))
+  with pytest.raises(ValueError, match=r"params/connector/proj: missing in checkpoint"):
+    checkpointing.load_params(str(tmp_path), abstract)
+  with pytest.raises(ValueError, match=r"params/connector/proj: missing in checkpoint"):
+    checkpointing.load_params(str(tmp_path), abstract, fresh, allow_new=(r"vit/.*",))
+  params = checkpointing.load_params(str(tmp_path), abstract, fresh, allow_new=(r".*connector.*",))
+  np.testing.assert_array_equal(params["connector"]["proj"], fresh["connector"]["proj"])
+  np.testing.assert_array_equal(params["dec"]["kernel"], saved["params"]["dec"]["kernel"])
+  np.testing.assert_array_equal(params["vit"]["scale"], saved["params"]["vit"]["scale"])

@@ -209,3 +209,22 @@ def test_seq_len_too_short_is_reported_up_front():
   c.data.seq_len = 32
   c.data.embedded.max_hops = 7
   pipeline.validate(c)  # longest question still fits
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_question_length_bound_holds_per_family(family):
+  # The up-front seq_len check trusts this bound, so a question longer than it
+  # would make every example of the family be skipped at run time.
+  src = _source(families=family, max_hops=4)
+  longest = max(len(src[i]["turns"][0][0].split()) for i in range(300))
+  assert longest <= families.max_question_words(src.spec, (family,))
+
+
+def test_seq_len_check_uses_only_the_enabled_families():
+  c = multihop.get_config()
+  c.data.embedded.families = "lookup"
+  c.data.seq_len = 10
+  pipeline.validate(c)  # "what shape is the red object ?" + bos/answer/eos
+  c.data.seq_len = 9
+  with pytest.raises(ValueError, match="need 10"):
+    pipeline.validate(c)

@@ -254,10 +254,11 @@ def generate(family: str, rng: np.random.Generator, spec: Spec):
   raise ValueError(f"unknown embedded family {family!r}; known: {FAMILIES}")
 
 
-def max_question_words(spec: Spec) -> int:
-  """Upper bound on question tokens (embedded vocabulary) over enabled settings."""
-  # chain3: "what colour is" + 3 x "the object <rel>" (<= 4 words) + "the c object ?"
-  chain = 3 + 3 * 4 + 4
+def max_question_words(spec: Spec, families=FAMILIES) -> int:
+  """Upper bound on question tokens (embedded vocabulary) over the given families."""
+  # chain: "what colour is" + h x "the object <rel>" (<= 4 words) + "the c object ?"
   pointer = len(f"start at the c arrow . follow {spec.max_hops} arrows . "
                 "what colour ?".split())
-  return max(chain, pointer, 12)
+  bound = {"lookup": 7, "relate": 3 + 4 + 4, "chain2": 3 + 8 + 4, "chain3": 3 + 12 + 4,
+           "compare": 12, "count": 7, "exist": 6, "pointer": pointer}
+  return max(bound[f] for f in families)

@@ -91,11 +91,11 @@ def validate(config, process_count=1):
   names = {d.name} | {n for n, _ in parse_mixture(d.mixture)}
   if names & {"embedded", "embedded_tfds"}:
     spec = embedded.make_spec(d.embedded, *_image_size(config), comp=False)
-    embedded.family_weights(d.embedded, "train")
+    fams, _ = embedded.family_weights(d.embedded, "train")
     if d.tokenizer.kind == "embedded":
       # bos + question + one-word answer + eos must fit, or every example would be
       # skipped as too long: that is a config error, so say it now.
-      need = families.max_question_words(spec) + 3
+      need = families.max_question_words(spec, fams) + 3
       if d.seq_len < need:
         raise ValueError(f"config.data.seq_len={d.seq_len} is too short for the "
                          f"embedded questions (need {need})")

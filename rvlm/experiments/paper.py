@@ -1,0 +1,174 @@
+"""The paper-claims study: every variant of configs/experiments/paper.py, several seeds.
+
+  python -m rvlm.experiments.paper --out=/tmp/rvlm_paper               # full, 3 seeds
+  python -m rvlm.experiments.paper --out=/tmp/rvlm_paper_quick --quick # smoke, < 15 min
+
+Writes OUT/results.json (per variant: accuracy by depth, family and hop count on val
+and test as mean / std / values over seeds, the paper's Fig. 1 diagnostics, wall time,
+FLOPs per example), OUT/results.md (the tables), OUT/accuracy_by_depth.png and
+OUT/fig1_norm_cka.png. Each run lives in OUT/runs/<variant>/seed_<s>/ and is an
+ordinary rvlm workdir; rerunning the command skips finished runs and resumes the rest.
+"""
+import functools
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from flax import linen as nn
+
+# configs/ sits beside the package and is not installed: importable from any cwd.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from configs.experiments import paper as paper_configs  # noqa: E402
+from rvlm import flops  # noqa: E402
+from rvlm import metrics  # noqa: E402
+from rvlm import optim  # noqa: E402
+from rvlm import steps  # noqa: E402
+from rvlm import sweep  # noqa: E402
+from rvlm import train  # noqa: E402
+from rvlm.experiments import report  # noqa: E402
+from rvlm.models import vlm  # noqa: E402
+
+flags.DEFINE_string("out", None, "Output directory of the study.")
+flags.DEFINE_integer("seeds", 3, "Seeds per variant (0, 1, ..., seeds - 1).")
+flags.DEFINE_integer("budget", paper_configs.STEPS,
+                     "N: training steps of the one-stage variants (the others scale it).")
+flags.DEFINE_list("variants", list(paper_configs.VARIANTS), "Variants to run.")
+flags.DEFINE_string("preset", "small", "Model preset (rvlm/models/presets.py).")
+flags.DEFINE_bool("quick", False, "Smoke version: N = 30, 1 seed, 256 eval examples.")
+flags.DEFINE_multi_string("set", [], "Extra config override for every run: field=value "
+                          "(Python literal), e.g. --set=optim.lr=2e-3.")
+
+QUICK_STEPS, QUICK_EVAL = 30, 256
+
+
+def _apply(config, field, value):
+  *path, leaf = field.split(".")
+  node = config
+  for p in path:
+    node = node[p]
+  node[leaf] = value
+
+
+def variant_config(variant, *, steps_n, preset, seed, out, overrides=()):
+  c = paper_configs.get_config(f"variant={variant},steps={steps_n},preset={preset}")
+  c.seed = seed
+  for field, value in overrides:
+    _apply(c, field, value)
+  stage1 = paper_configs.VARIANTS[variant].init_from
+  if stage1:
+    c.init_from = run_dir(out, stage1, seed)
+  return c
+
+
+def run_dir(out, variant, seed):
+  return os.path.join(out, "runs", variant, f"seed_{seed}")
+
+
+def ordered(variants):
+  """Variants with every stage-1 dependency first (added if not requested)."""
+  order = []
+  for v in variants:
+    if v not in paper_configs.VARIANTS:
+      raise ValueError(f"--variants: unknown variant {v!r}; known: "
+                       f"{sorted(paper_configs.VARIANTS)}")
+    dep = paper_configs.VARIANTS[v].init_from
+    for name in ([dep] if dep else []) + [v]:
+      if name not in order:
+        order.append(name)
+  return order
+
+
+def flops_per_example(config):
+  """Matmul FLOPs of one training example (forward + backward, as trained) and of
+  answering at each depth r (one forward pass over the sequence)."""
+  model = vlm.make_model(config.model)
+  tx, lr = optim.make_optimizer(config.optim, config.train.total_steps)
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                       train.dummy_batch(config, 1))
+  state = nn.unbox(jax.eval_shape(functools.partial(
+      train.init_train_state, model=model, tx=tx, config=config), jax.random.PRNGKey(0)))
+  step = functools.partial(steps.train_step, model=model, tx=tx, lr_schedule=lr,
+                           loss_cfg=config.loss)
+  train_flops = flops.count_flops(step, state, batch)
+  infer = {}
+  for r in range(1, config.model.recursion.num_steps + 1):
+    fwd = lambda p, b, r=r: model.apply({"params": p}, b, num_steps=r)  # noqa: E731
+    infer[str(r)] = flops.count_flops(fwd, state["params"], batch)
+  return train_flops, infer
+
+
+def run_study(out, *, variants, seeds, steps_n, preset="small", overrides=()):
+  """Trains every (variant, seed) not yet finished; writes and returns the summary."""
+  os.makedirs(out, exist_ok=True)
+  variants = ordered(variants)
+  start = time.time()
+  records = {}
+  for seed in range(seeds):  # seed-major: one full replicate finishes before the next
+    for v in variants:
+      config = variant_config(v, steps_n=steps_n, preset=preset, seed=seed, out=out,
+                              overrides=overrides)
+      records[(v, seed)] = sweep.run_one(sweep.Run(f"{v}/seed_{seed}", config,
+                                                   run_dir(out, v, seed)))
+  summary = {"study": {
+      "steps_n": steps_n, "seeds": seeds, "preset": preset,
+      "overrides": [f"{k}={v!r}" for k, v in overrides],
+      "wall_time_s_this_invocation": time.time() - start,
+      "machine": report.machine(), "std": "sample std over seeds (ddof=1; 0 for one seed)"}}
+  for v in variants:
+    config = variant_config(v, steps_n=steps_n, preset=preset, seed=0, out=out,
+                            overrides=overrides)
+    train_flops, infer_flops = flops_per_example(config)
+    spec = paper_configs.VARIANTS[v]
+    summary[v] = {
+        "about": spec.about, "mode": spec.mode, "init_from": spec.init_from,
+        "overrides": [f"{k}={val!r}" for k, val in spec.overrides],
+        "recursion_steps": int(config.model.recursion.num_steps),
+        "train_steps": int(config.train.total_steps),
+        "train_flops_per_example": train_flops,
+        # This variant's own training (a two-stage run's stage 1 is its own entry).
+        "train_flops_total": (train_flops * int(config.data.batch_size)
+                              * int(config.train.total_steps)),
+        "inference_flops_per_example_by_depth": infer_flops,
+        **report.aggregate([records[(v, s)] for s in range(seeds)]),
+    }
+  summary["claims"] = report.claims(report.study_variants(summary))
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  report.plot_accuracy(summary, os.path.join(out, "accuracy_by_depth.png"))
+  report.plot_norm_cka(summary, os.path.join(out, "fig1_norm_cka.png"))
+  with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(report.tables(summary))
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  metrics.quiet_library_logs()
+  steps_n, seeds = f.budget, f.seeds
+  overrides = [report.parse_override(s) for s in f.set]
+  if f.quick:
+    steps_n = steps_n if f["budget"].present else QUICK_STEPS
+    seeds = seeds if f["seeds"].present else 1
+    overrides = [("eval.num_examples", QUICK_EVAL)] + overrides
+  if steps_n < 1 or seeds < 1:
+    raise app.UsageError("--budget and --seeds must be >= 1")
+  if not jax.config.jax_compilation_cache_dir:
+    # Seeds of a variant compile the same programs: compile each once per study.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(f.out, "jax_cache"))
+  summary = run_study(f.out, variants=f.variants, seeds=seeds, steps_n=steps_n,
+                      preset=f.preset, overrides=overrides)
+  logging.info("study written to %s in %.0f s", f.out,
+               summary["study"]["wall_time_s_this_invocation"])
+  print(report.tables(summary))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["out"])
+  app.run(main)
