@@ -86,7 +86,8 @@ def test_flop_counter_multiplies_scans_and_counts_backward_and_remat():
 def test_model_flops_grow_linearly_with_depth():
   c = paper_configs.get_config("variant=rvlm,preset=tiny")
   c.model.vocab_size, c.model.vit.image_size = 128, 32
-  _, infer = paper.flops_per_example(c)
+  costs = paper.model_costs(c)
+  infer = costs["inference_flops_per_example_by_depth"]
   f = [infer[str(r)] for r in (1, 2, 3)]
   # Every extra step is one more pass of the decoder stack plus the connector.
   assert f[0] > 0 and f[2] - f[1] == f[1] - f[0] > 0
@@ -179,10 +180,14 @@ def test_runner_trains_every_seed_aggregates_and_resumes(tmp_path):
       vals = [r["splits"]["test"]["accuracy_by_depth"][d] for r in per_seed]
       assert m["values"] == pytest.approx(vals) and m["mean"] == pytest.approx(np.mean(vals))
     assert v["train_flops_per_example"] > 0 and v["wall_time_s"]["mean"] > 0
+    assert v["train_time_s"]["mean"] > 0
   # The two seeds are different runs; stage 2 started from its own seed's stage 1.
   seeds = summary["rvlm"]["splits"]["test"]["loss_by_depth"]["1"]["values"]
   assert seeds[0] != seeds[1]
   assert summary["twostage_rvlm"]["train_steps"] == 2
+  # The connector's projections are the only parameters the standard model lacks.
+  assert summary["twostage_rvlm"]["param_count"] == summary["rvlm"]["param_count"]
+  assert summary["rvlm"]["param_count"] > summary["standard"]["param_count"]
   with open(os.path.join(out, "results.json")) as f:
     on_disk = json.load(f)
   # docs/results/paper.json is this file: variant name -> accuracy_by_depth -> mean, std.

@@ -83,9 +83,9 @@ def ordered(variants):
   return order
 
 
-def flops_per_example(config):
-  """Matmul FLOPs of one training example (forward + backward, as trained) and of
-  answering at each depth r (one forward pass over the sequence)."""
+def model_costs(config):
+  """Parameter count, matmul FLOPs of one training example (forward + backward, as
+  trained) and of answering at each depth r (one forward pass over the sequence)."""
   model = vlm.make_model(config.model)
   tx, lr = optim.make_optimizer(config.optim, config.train.total_steps)
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -99,7 +99,9 @@ def flops_per_example(config):
   for r in range(1, config.model.recursion.num_steps + 1):
     fwd = lambda p, b, r=r: model.apply({"params": p}, b, num_steps=r)  # noqa: E731
     infer[str(r)] = flops.count_flops(fwd, state["params"], batch)
-  return train_flops, infer
+  params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  return {"param_count": int(params), "train_flops_per_example": train_flops,
+          "inference_flops_per_example_by_depth": infer}
 
 
 def run_study(out, *, variants, seeds, steps_n, preset="small", overrides=()):
@@ -118,23 +120,25 @@ def run_study(out, *, variants, seeds, steps_n, preset="small", overrides=()):
       "steps_n": steps_n, "seeds": seeds, "preset": preset,
       "overrides": [f"{k}={v!r}" for k, v in overrides],
       "wall_time_s_this_invocation": time.time() - start,
+      # Sum over runs of the invocation that trained each (excludes aggregation).
+      "wall_time_s_all_runs": sum(r["info"]["wall_time_s"] for r in records.values()),
       "machine": report.machine(), "std": "sample std over seeds (ddof=1; 0 for one seed)"}}
   for v in variants:
     config = variant_config(v, steps_n=steps_n, preset=preset, seed=0, out=out,
                             overrides=overrides)
-    train_flops, infer_flops = flops_per_example(config)
+    costs = model_costs(config)
     spec = paper_configs.VARIANTS[v]
     summary[v] = {
         "about": spec.about, "mode": spec.mode, "init_from": spec.init_from,
         "overrides": [f"{k}={val!r}" for k, val in spec.overrides],
         "recursion_steps": int(config.model.recursion.num_steps),
         "train_steps": int(config.train.total_steps),
-        "train_flops_per_example": train_flops,
+        **costs,
         # This variant's own training (a two-stage run's stage 1 is its own entry).
-        "train_flops_total": (train_flops * int(config.data.batch_size)
-                              * int(config.train.total_steps)),
-        "inference_flops_per_example_by_depth": infer_flops,
-        **report.aggregate([records[(v, s)] for s in range(seeds)]),
+        "train_flops_total": (costs["train_flops_per_example"]
+                              * int(config.data.batch_size) * int(config.train.total_steps)),
+        **report.aggregate([records[(v, s)] for s in range(seeds)],
+                           train_steps=int(config.train.total_steps)),
     }
   summary["claims"] = report.claims(report.study_variants(summary))
   with open(os.path.join(out, "results.json"), "w") as f:

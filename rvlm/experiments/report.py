@@ -83,8 +83,12 @@ def aggregate_split(split_results):
   return out
 
 
-def aggregate(records):
-  """Records of one variant (one per seed: {'results', 'info'}) -> its summary."""
+def aggregate(records, train_steps=None):
+  """Records of one variant (one per seed: {'results', 'info'}) -> its summary.
+
+  With `train_steps`, 'train_time_s' is the training loop's own time (steps over the
+  logged median steps/s), without compilation and evaluation.
+  """
   splits = sorted(records[0]["results"]["splits"])
   agg = {"splits": {s: aggregate_split([r["results"]["splits"][s] for r in records])
                     for s in splits}}
@@ -94,6 +98,9 @@ def aggregate(records):
   info = [r["info"] for r in records]
   agg["wall_time_s"] = mean_std([i["wall_time_s"] for i in info])
   agg["steps_per_sec"] = mean_std([i["steps_per_sec"] for i in info])
+  if train_steps:
+    agg["train_time_s"] = mean_std([train_steps / i["steps_per_sec"] for i in info
+                                    if i["steps_per_sec"]])
   alphas = [i["connector_alpha_final"] for i in info]
   agg["connector_alpha_final"] = mean_std(alphas)
   # A connector whose residual scale went to ~0 has switched recursion off: such a run
@@ -226,8 +233,10 @@ def tables(summary):
   max_depth = max(v["recursion_steps"] for v in variants.values())
   lines = [f"Study: N = {study['steps_n']} steps, {study['seeds']} seeds, preset "
            f"{study['preset']}; accuracy in points (mean ± sample std over seeds).", ""]
-  head = "| variant | steps | " + " | ".join(f"test r={d}" for d in range(1, max_depth + 1))
-  head += " | val r=R | train GFLOP/example | train TFLOP total | wall s/run | final α |"
+  depth_cols = " | ".join(f"test r={d}" for d in range(1, max_depth + 1))
+  head = "| variant | params | steps | " + depth_cols
+  head += (" | val r=R | train GFLOP/example | train TFLOP total | train s | wall s/run"
+           " | final α |")
   lines += [head, "|" + "---|" * (head.count("|") - 1)]
   for name, v in variants.items():
     acc = v["accuracy_by_depth"]
@@ -238,12 +247,14 @@ def tables(summary):
     alpha_s = "—" if alpha["mean"] is None else f"{alpha['mean']:.3f}"
     if v["collapsed_runs"]:
       alpha_s += f" ({v['collapsed_runs']} collapsed)"
+    train_s = v.get("train_time_s", {}).get("mean")
+    train_s = "—" if train_s is None else f"{train_s:.0f}"
     steps = str(v["train_steps"])
     if v["init_from"] in variants:
       steps += f" (+{variants[v['init_from']]['train_steps']} stage 1)"
-    lines.append(f"| {name} | {steps} | " + " | ".join(cells) +
-                 f" | {val_r} | {v['train_flops_per_example'] / 1e9:.3f} | "
-                 f"{v['train_flops_total'] / 1e12:.1f} | "
+    lines.append(f"| {name} | {v['param_count'] / 1e6:.3f}M | {steps} | " + " | ".join(cells)
+                 + f" | {val_r} | {v['train_flops_per_example'] / 1e9:.3f} | "
+                 f"{v['train_flops_total'] / 1e12:.1f} | {train_s} | "
                  f"{v['wall_time_s']['mean']:.0f} | {alpha_s} |")
   maj = next(iter(variants.values()))["splits"].get("test", {}).get("majority_baseline")
   if maj:
