@@ -2,12 +2,13 @@
 import importlib
 
 import pytest
+from flax import traverse_util
 
 from rvlm import losses
 from rvlm.models import vlm
 
 CONFIGS = ["configs.base", "configs.debug", "configs.multihop", "configs.llava_format", "configs.experiments.standard",
-           "configs.experiments.vanilla", "configs.experiments.rvlm"]
+           "configs.experiments.vanilla", "configs.experiments.rvlm", "configs.experiments.paper"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -18,14 +19,8 @@ def test_config_builds_and_validates(name):
   assert c.data.batch_size > 0 and c.train.total_steps > 0
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+def _flat(d):
+  return traverse_util.flatten_dict(d, sep=".")
 
 
 def test_experiments_share_everything_but_the_recursion_method():

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from configs.experiments import paper as paper_configs
 from rvlm import flops
@@ -15,14 +16,8 @@ from rvlm.experiments import report
 from rvlm.models import vlm
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
+def _flat(d):
+  return traverse_util.flatten_dict(d, sep=".")
 
 
 # ---- configs -------------------------------------------------------------------------
@@ -57,6 +52,15 @@ def test_variants_differ_from_their_reference_only_where_stated():
     paper_configs.get_config("variant=rvlm_nope")
   with pytest.raises(ValueError, match="unknown argument 'size'"):
     paper_configs.get_config("size=3")
+
+
+def test_set_field_refuses_unknown_fields():
+  c = paper_configs.get_config()
+  paper_configs.set_field(c, "optim.lr", 2e-3)
+  assert c.optim.lr == 2e-3
+  for field in ("optim.lrr", "optimm.lr", "optim.lr.x"):
+    with pytest.raises(ValueError, match="unknown config field"):
+      paper_configs.set_field(c, field, 1.0)
 
 
 def test_dependencies_are_ordered_first():

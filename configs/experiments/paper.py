@@ -64,6 +64,17 @@ VARIANTS = {
 }
 
 
+def set_field(config, field, value):
+  """config.<dotted field> = value, for an existing field only (a typo is an error)."""
+  *path, leaf = field.split(".")
+  node = config
+  for key in path:
+    node = node.get(key) if hasattr(node, "get") else None
+  if not hasattr(node, "keys") or leaf not in node:
+    raise ValueError(f"unknown config field {field!r}")
+  node[leaf] = value
+
+
 def parse_arg(arg):
   args = dict(variant="rvlm", steps=str(STEPS), preset="small")
   for kv in (arg or "").split(","):
@@ -97,11 +108,7 @@ def get_config(arg=None):
   if v.mode != "standard":
     c.model.recursion.num_steps = R
   for field, value in v.overrides:
-    *path, leaf = field.split(".")
-    node = c
-    for p in path:
-      node = node[p]
-    node[leaf] = value
+    set_field(c, field, value)
   factor = R if v.iso_flops else v.steps_factor
   total = max(1, round(factor * int(args["steps"])))
   c.optim.warmup_steps = min(c.optim.warmup_steps, max(1, total // 5))

@@ -46,19 +46,11 @@ flags.DEFINE_multi_string("set", [], "Extra config override for every run: field
 QUICK_STEPS, QUICK_EVAL = 30, 256
 
 
-def _apply(config, field, value):
-  *path, leaf = field.split(".")
-  node = config
-  for p in path:
-    node = node[p]
-  node[leaf] = value
-
-
 def variant_config(variant, *, steps_n, preset, seed, out, overrides=()):
   c = paper_configs.get_config(f"variant={variant},steps={steps_n},preset={preset}")
   c.seed = seed
   for field, value in overrides:
-    _apply(c, field, value)
+    paper_configs.set_field(c, field, value)
   stage1 = paper_configs.VARIANTS[variant].init_from
   if stage1:
     c.init_from = run_dir(out, stage1, seed)
