@@ -1,6 +1,8 @@
 """The paper study: its configs, FLOP counter, aggregation over seeds and the runner."""
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -205,3 +207,13 @@ def test_runner_trains_every_seed_aggregates_and_resumes(tmp_path):
   again = paper.run_study(out, **kw)
   assert os.path.getmtime(os.path.join(paper.run_dir(out, "rvlm", 1), "results.json")) == stamp
   assert again["rvlm"]["accuracy_by_depth"] == summary["rvlm"]["accuracy_by_depth"]
+
+
+def test_command_line_rejects_unknown_variants(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "rvlm.experiments.paper", f"--out={tmp_path}",
+       "--variants=rvlm,bogus"],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+  assert proc.returncode != 0
+  assert "unknown variant 'bogus'" in proc.stderr
+  assert not os.path.exists(tmp_path / "runs")

@@ -33,16 +33,6 @@ from rvlm import train  # noqa: E402
 from rvlm.experiments import report  # noqa: E402
 from rvlm.models import vlm  # noqa: E402
 
-flags.DEFINE_string("out", None, "Output directory of the study.")
-flags.DEFINE_integer("seeds", 3, "Seeds per variant (0, 1, ..., seeds - 1).")
-flags.DEFINE_integer("budget", paper_configs.STEPS,
-                     "N: training steps of the one-stage variants (the others scale it).")
-flags.DEFINE_list("variants", list(paper_configs.VARIANTS), "Variants to run.")
-flags.DEFINE_string("preset", "small", "Model preset (rvlm/models/presets.py).")
-flags.DEFINE_bool("quick", False, "Smoke version: N = 30, 1 seed, 256 eval examples.")
-flags.DEFINE_multi_string("set", [], "Extra config override for every run: field=value "
-                          "(Python literal), e.g. --set=optim.lr=2e-3.")
-
 QUICK_STEPS, QUICK_EVAL = 30, 256
 
 
@@ -165,6 +155,21 @@ def main(argv):
   print(report.tables(summary))
 
 
+def define_flags():
+  """Command-line flags; defined only when run as a program, so that importing this
+  module (tests, notebooks) does not clash with other tools' flags."""
+  flags.DEFINE_string("out", None, "Output directory of the study.")
+  flags.DEFINE_integer("seeds", 3, "Seeds per variant (0, 1, ..., seeds - 1).")
+  flags.DEFINE_integer("budget", paper_configs.STEPS,
+                       "N: training steps of the one-stage variants (the others scale it).")
+  flags.DEFINE_list("variants", list(paper_configs.VARIANTS), "Variants to run.")
+  flags.DEFINE_string("preset", "small", "Model preset (rvlm/models/presets.py).")
+  flags.DEFINE_bool("quick", False, "Smoke version: N = 30, 1 seed, 256 eval examples.")
+  flags.DEFINE_multi_string("set", [], "Extra config override for every run: field=value "
+                            "(Python literal), e.g. --set=optim.lr=2e-3.")
+
+
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["out"])
   app.run(main)
