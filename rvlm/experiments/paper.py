@@ -91,13 +91,14 @@ def run_study(out, *, variants, seeds, steps_n, preset="small", overrides=()):
   os.makedirs(out, exist_ok=True)
   variants = ordered(variants)
   start = time.time()
-  records = {}
-  for seed in range(seeds):  # seed-major: one full replicate finishes before the next
-    for v in variants:
-      config = variant_config(v, steps_n=steps_n, preset=preset, seed=seed, out=out,
-                              overrides=overrides)
-      records[(v, seed)] = sweep.run_one(sweep.Run(f"{v}/seed_{seed}", config,
-                                                   run_dir(out, v, seed)))
+  # Seed-major: one full replicate finishes before the next starts.
+  runs = [sweep.Run(f"{v}/seed_{seed}",
+                    variant_config(v, steps_n=steps_n, preset=preset, seed=seed, out=out,
+                                   overrides=overrides),
+                    run_dir(out, v, seed))
+          for seed in range(seeds) for v in variants]
+  by_name = sweep.run_all(runs)
+  records = {(v, seed): by_name[f"{v}/seed_{seed}"] for seed in range(seeds) for v in variants}
   summary = {"study": {
       "steps_n": steps_n, "seeds": seeds, "preset": preset,
       "overrides": [f"{k}={v!r}" for k, v in overrides],

@@ -176,10 +176,10 @@ def plot_accuracy(summary, path):
     for i, name in enumerate(names):
       _curve(ax, name, variants[name]["accuracy_by_depth"], max_depth,
              offset=0.03 * (i - len(names) / 2), color=f"C{i % 10}")
-    majority = next(iter(variants.values()))["splits"]["test"]["majority_baseline"]["mean"] \
-        if "test" in next(iter(variants.values()))["splits"] else None
-    if majority is not None:
-      ax.axhline(majority, color="grey", ls=":", lw=1, label="majority answer")
+    test = next(iter(variants.values()))["splits"].get("test")
+    if test:
+      ax.axhline(test["majority_baseline"]["mean"], color="grey", ls=":", lw=1,
+                 label="majority answer")
     ax.set_xlabel("recursion depth r (answer read after step r)")
     ax.set_ylabel("test exact match")
     ax.set_title(f"{title} ({summary['study']['seeds']} seeds, mean ± std)")
