@@ -10,15 +10,22 @@ import ml_collections
 from rvlm.models import presets
 
 
+def parse_args(arg, defaults, where):
+  """'key=value,...' (the text after ':' in --config=FILE:ARG) over `defaults`."""
+  args = dict(defaults)
+  for kv in (arg or "").split(","):
+    if not kv:
+      continue
+    k, _, v = kv.partition("=")
+    if k not in args:
+      raise ValueError(f"{where}: unknown argument {k!r}; known: {sorted(args)}")
+    args[k] = v
+  return args
+
+
 def get_config(arg=None):
   """Returns the default config; `arg` is 'key=value,...' (preset=...)."""
-  args = dict(preset="small")
-  if arg:
-    for kv in arg.split(","):
-      k, v = kv.split("=")
-      if k not in args:
-        raise ValueError(f"configs/base.py: unknown argument {k!r}; known: {sorted(args)}")
-      args[k] = v
+  args = parse_args(arg, dict(preset="small"), "configs/base.py")
 
   c = ml_collections.ConfigDict()
   c.seed = 0

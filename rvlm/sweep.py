@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from rvlm import metrics
 from rvlm import train
 
 RESULTS, INFO = "results.json", "run_info.json"
@@ -36,10 +37,7 @@ class SweepInterrupted(RuntimeError):
 def read_metrics(workdir):
   """The rows of workdir/metrics.jsonl (the trainer's scalar log), oldest first."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return metrics.read_jsonl(path) if os.path.exists(path) else []
 
 
 def _run_info(workdir, wall_time_s, resumed):

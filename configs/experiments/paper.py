@@ -16,6 +16,7 @@ config.init_from to it; by hand, pass --config.init_from=<standard workdir>.
 """
 import dataclasses
 
+from configs import base
 from configs.experiments import common
 
 # N, chosen so that the full study (3 seeds) fits in 120 minutes on a 2-core CPU.
@@ -76,15 +77,8 @@ def set_field(config, field, value):
 
 
 def parse_arg(arg):
-  args = dict(variant="rvlm", steps=str(STEPS), preset="small")
-  for kv in (arg or "").split(","):
-    if not kv:
-      continue
-    k, _, v = kv.partition("=")
-    if k not in args:
-      raise ValueError(f"configs/experiments/paper.py: unknown argument {k!r}; "
-                       f"known: {sorted(args)}")
-    args[k] = v
+  args = base.parse_args(arg, dict(variant="rvlm", steps=str(STEPS), preset="small"),
+                         "configs/experiments/paper.py")
   if args["variant"] not in VARIANTS:
     raise ValueError(f"configs/experiments/paper.py: unknown variant {args['variant']!r}; "
                      f"known: {sorted(VARIANTS)}")

@@ -106,9 +106,9 @@ def run_study(out, *, variants, seeds, steps_n, preset="small", overrides=()):
       # Sum over runs of the invocation that trained each (excludes aggregation).
       "wall_time_s_all_runs": sum(r["info"]["wall_time_s"] for r in records.values()),
       "machine": report.machine(), "std": "sample std over seeds (ddof=1; 0 for one seed)"}}
+  seed0 = {run.name: run.config for run in runs}
   for v in variants:
-    config = variant_config(v, steps_n=steps_n, preset=preset, seed=0, out=out,
-                            overrides=overrides)
+    config = seed0[f"{v}/seed_0"]  # costs do not depend on the seed
     costs = model_costs(config)
     spec = paper_configs.VARIANTS[v]
     summary[v] = {
