@@ -69,7 +69,11 @@ def get_config(arg=None):
           num_shapes=3,          # square, circle, triangle (4 adds diamond)
           min_objects=4,
           max_objects=7,
-          max_hops=3,            # pointer family: h drawn from 1..max_hops
+          max_hops=3,            # pointer/chase families: train h drawn from 1..max_hops
+          eval_max_hops=0,       # val/test draw h from 1..eval_max_hops (0: max_hops)
+          hop_focus=0.0,         # share of train examples drawn at max_hops exactly
+          chase_chains=3,        # chase: chains per scene (distractors of equal length)
+          chase_colours=26,      # chase: palette size (rvlm/data/chase.py)
           max_count=3,
           # (colour, shape) pairs absent from train/val/test; test_comp names them.
           heldout_pairs="red circle,green triangle,blue square,yellow circle",
@@ -77,6 +81,10 @@ def get_config(arg=None):
       # kind: embedded (word vocab, 123 ids) | bytes (UTF-8, 260 ids) | sentencepiece |
       # hf (tokenizer.json).
       # bos/eos/pad: token names for hf tokenizers; empty = common spellings.
+      # Hop-count curriculum (rvlm/data/curriculum.py): train max_hops starts at `start`
+      # and rises by one when val accuracy at exactly that many hops (final depth)
+      # reaches `threshold`, checked every `every` steps, up to embedded.max_hops.
+      curriculum=dict(enabled=False, start=2, threshold=0.9, every=100, num_examples=128),
       tokenizer=dict(kind="embedded", path="", bos="", eos="", pad=""),
       tfds_dir="",         # embedded_tfds: built by python -m rvlm.data.tfds_embedded
       train_json="",       # llava: JSON/JSONL records
@@ -120,6 +128,8 @@ def get_config(arg=None):
       num_examples=512,    # per eval split
       # test_comp: colour-shape pairs never seen in training (compositional split).
       splits=("val", "test", "test_comp"),
+      # Evaluate depths 1..max_depth (0: the trained R; above R: depth extrapolation).
+      max_depth=0,
   ))
 
   # ---- sharding ----------------------------------------------------------------

@@ -24,7 +24,8 @@ def majority_baseline(batches):
 def evaluate_split(eval_fn, params, batches, mesh, family_names):
   """Runs `eval_fn` (a jitted rvlm.steps.eval_step) over `batches` of one split.
 
-  Returns {'accuracy_by_depth', 'by_family', 'by_hops', 'loss_by_depth',
+  Returns {'accuracy_by_depth', 'by_family', 'by_hops', 'flips_to_wrong_by_depth',
+  'loss_by_depth',
   'input_norm_by_depth', 'hidden_norm_by_depth', 'cka_with_e0_by_depth',
   'num_examples', 'majority_baseline'}; depths are '1'..'R' strings (JSON keys).
   """
@@ -53,6 +54,10 @@ def evaluate_split(eval_fn, params, batches, mesh, family_names):
       "accuracy_by_depth": by_depth(slice(None)),
       "by_family": {family_names[f]: by_depth(fams == f) for f in np.unique(fams)},
       "by_hops": {str(h): by_depth(hops == h) for h in np.unique(hops)},
+      # Share of examples right after step r-1 and wrong after step r (r >= 2):
+      # what a later step breaks, which accuracy alone hides behind what it fixes.
+      "flips_to_wrong_by_depth": {d: float((exact[r - 1] & ~exact[r]).mean())
+                                  for r, d in enumerate(depths) if r},
       "loss_by_depth": dict(zip(depths, (sums["token_loss_sum"] / max(sums["token_count"], 1)).tolist())),
       "input_norm_by_depth": dict(zip(depths, (sums["input_norm_sum"] / max(sums["real_tokens"], 1)).tolist())),
       "hidden_norm_by_depth": dict(zip(depths, (sums["hidden_norm_sum"] / max(sums["real_text_tokens"], 1)).tolist())),

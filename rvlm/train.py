@@ -56,6 +56,7 @@ class _StopSignal:
 
 def check_config(config):
   vlm.check_model_config(config.model)
+  eval_depth(config)
   losses.check_loss_config(config.loss, config.model.recursion.num_steps)
   t = config.train
   for field in ("total_steps", "log_every", "eval_every", "checkpoint_every",
@@ -71,6 +72,16 @@ def check_config(config):
                     t.checkpoint_every, t.log_every)
   if t.nan_policy not in ("stop", "skip"):
     raise ValueError(f"config.train.nan_policy={t.nan_policy!r}: choose 'stop' or 'skip'")
+
+
+def eval_depth(config):
+  """Depths evaluated: 1..R, or 1..config.eval.max_depth (> R: depth extrapolation)."""
+  r = int(config.model.recursion.num_steps)
+  max_depth = int(config.eval.get("max_depth", 0) or 0)
+  if max_depth and (max_depth < r or (config.model.recursion.mode == "none" and max_depth > 1)):
+    raise ValueError(f"config.eval.max_depth={max_depth} must be 0 (= R) or >= "
+                     f"config.model.recursion.num_steps={r}, and 0 or 1 for mode 'none'")
+  return max_depth or r
 
 
 def dummy_batch(config, batch_size):
@@ -115,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                          jax.process_count())
       for split in config.eval.splits}
   family_names = data_lib.family_names(config)
+  curriculum = data_lib.curriculum.check_config(config) is not None
 
   # ---- model and optimizer -------------------------------------------------------
   model = vlm.make_model(config.model)
@@ -156,8 +168,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                         skip_nonfinite=config.train.nan_policy == "skip"),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, repl),
       donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
+  trained_depth = int(config.model.recursion.num_steps)
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model,
+                                      num_steps=eval_depth(config)),
                     in_shardings=(state_shardings["params"], batch_sharding), out_shardings=repl)
+
+  def check_curriculum(step):
+    """Raises the curriculum level when the model has learned the current one."""
+    batches = train_iter.probe_batches(config.eval.batch_size)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      res = evaluate.evaluate_split(eval_fn, state["params"], batches, mesh, family_names)
+    level = train_iter.level
+    acc = res["accuracy_by_depth"][str(trained_depth)]
+    raised = train_iter.update(acc)
+    writer.write_scalars(step, {"curriculum/accuracy_at_level": acc,
+                                "curriculum/level": float(train_iter.level)})
+    logging.info("step %d curriculum: accuracy %.3f at h = %d%s", step, acc, level,
+                 f" -> level {train_iter.level}" if raised else "")
 
   def run_evals(step):
     results = {}
@@ -187,6 +214,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       step += 1
       acc = metrics_lib.merge_metrics(acc, step_metrics)
       progress(step)
+      if curriculum and train_iter.due(step):  # before any save: the level is data state
+        check_curriculum(step)
       save_now = (step % config.train.checkpoint_every == 0 or step == total_steps
                   or stop.received)
       if step % config.train.log_every == 0 or step == total_steps or save_now:

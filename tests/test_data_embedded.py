@@ -103,7 +103,8 @@ def test_every_answer_matches_an_independent_solver(split):
                      "count": 1, "exist": 1}.get(name)
     assert hops == (expected_hops if expected_hops else int(q.split()[7]))
     seen[name] += 1
-  expected = set(families.FAMILIES) - ({"pointer"} if split == "test_comp" else set())
+  mix = set(multihop.get_config().data.embedded.families.split(","))
+  expected = mix - (set(embedded.NO_SHAPES) if split == "test_comp" else set())
   assert set(seen) == expected
 
 

@@ -6,12 +6,21 @@ grain pipelines producing the batch contract:
 
 See layout.py for the token layout and skips.py for the bad-input policy.
 """
+from rvlm.data import curriculum
+from rvlm.data import pipeline
 from rvlm.data.pipeline import build_eval_batches
-from rvlm.data.pipeline import build_train_iterator
 from rvlm.data.pipeline import family_names
 from rvlm.data.skips import reset_skip_counts
 from rvlm.data.skips import skip_counts
 from rvlm.data.tokenizers import get_tokenizer
+
+
+def build_train_iterator(config, process_index=0, process_count=1):
+  """The train iterator: a CurriculumIterator when config.data.curriculum is enabled."""
+  if curriculum.check_config(config) is not None:
+    return curriculum.CurriculumIterator(config, process_index, process_count)
+  return pipeline.build_train_iterator(config, process_index, process_count)
+
 
 __all__ = ["build_eval_batches", "build_train_iterator", "family_names",
            "get_tokenizer", "reset_skip_counts", "skip_counts"]

@@ -8,10 +8,12 @@ objects whose (colour, shape) pair is held out of every train/val/test scene.
 """
 import numpy as np
 
+from rvlm.data import chase
 from rvlm.data import families
 from rvlm.data import scenes
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "test_comp": 3}
+NO_SHAPES = ("pointer", "chase")  # families without nameable shapes: not in test_comp
 
 
 def _names(value, field):
@@ -24,8 +26,14 @@ def _names(value, field):
     raise ValueError(f"config.data.embedded.{field} must be a list of names") from None
 
 
-def make_spec(ecfg, image_size: int, patch_size: int, comp: bool) -> families.Spec:
-  """Validates config.data.embedded and returns the generator Spec."""
+def make_spec(ecfg, image_size: int, patch_size: int, comp: bool,
+              split: str = "train") -> families.Spec:
+  """Validates config.data.embedded and returns the generator Spec of `split`.
+
+  Train draws h from 1..max_hops (with a share `hop_focus` at max_hops: a curriculum
+  moves max_hops); val and test draw h uniformly from 1..eval_max_hops (0: max_hops),
+  so one eval split measures hop counts beyond the trained ones.
+  """
   grid = scenes.grid_size(image_size, patch_size)
   def field_range(name, lo, hi):
     v = ecfg[name]
@@ -37,7 +45,27 @@ def make_spec(ecfg, image_size: int, patch_size: int, comp: bool) -> families.Sp
   cells = grid * grid
   max_objects = field_range("max_objects", 2, min(num_colours, cells))
   min_objects = field_range("min_objects", 1, max_objects)
-  max_hops = field_range("max_hops", 1, min(num_colours, cells) - 1)
+  names = _names(ecfg.families, "families")
+  # Arrows need a distinct colour per hop; chase needs two chains of distinct colours.
+  chase_colours = ecfg.get("chase_colours", len(chase.PALETTE))
+  chase_chains = ecfg.get("chase_chains", 3)
+  hop_bound = cells
+  if "pointer" in names:
+    hop_bound = min(hop_bound, min(num_colours, cells) - 1)
+  if "chase" in names:
+    chase_colours = field_range("chase_colours", 4, len(chase.PALETTE))
+    chase_chains = field_range("chase_chains", 2, len(chase.PALETTE) // 2)
+    hop_bound = min(hop_bound, chase.max_hops_for(grid, chase_colours))
+    if patch_size < 4:
+      raise ValueError(f"config.model.vit.patch_size={patch_size}: a chase node needs at "
+                       "least 4 px per cell (a ring and a core)")
+  max_hops = field_range("max_hops", 1, hop_bound)
+  eval_max_hops = field_range("eval_max_hops", 0, hop_bound) if "eval_max_hops" in ecfg else 0
+  hop_focus = ecfg.get("hop_focus", 0.0)
+  if not isinstance(hop_focus, (int, float)) or not 0 <= hop_focus <= 1:
+    raise ValueError(f"config.data.embedded.hop_focus={hop_focus!r} must be in [0, 1]")
+  if split in ("val", "test") and eval_max_hops:
+    max_hops, hop_focus = eval_max_hops, 0.0
   max_count = field_range("max_count", 1, min(num_colours, cells) - 1)
   if max_count >= max_objects:
     raise ValueError(f"config.data.embedded.max_count={max_count} must be below "
@@ -77,7 +105,9 @@ def make_spec(ecfg, image_size: int, patch_size: int, comp: bool) -> families.Sp
       grid=grid, num_colours=num_colours, num_shapes=num_shapes,
       min_objects=min_objects, max_objects=max_objects, max_hops=max_hops,
       max_count=max_count, allowed=np.ones_like(allowed) if comp else allowed,
-      heldout=tuple(heldout), comp=comp)
+      heldout=tuple(heldout), comp=comp, chase_chains=int(chase_chains),
+      chase_colours=int(chase_colours),
+      hop_focus=float(hop_focus) if split == "train" else 0.0)
 
 
 def family_weights(ecfg, split: str):
@@ -99,11 +129,11 @@ def family_weights(ecfg, split: str):
     raise ValueError(f"config.data.embedded.family_weights={weights} must be empty or "
                      f"one non-negative weight per family {names}")
   if split == "test_comp":
-    # Arrows have no nameable shape, so no held-out pair can appear in a pointer
-    # scene; test_comp covers the other families.
-    keep = [k for k, n in enumerate(names) if n != "pointer"]
+    # Arrows and chase nodes have no nameable shape, so no held-out pair can appear
+    # in their scenes; test_comp covers the other families.
+    keep = [k for k, n in enumerate(names) if n not in NO_SHAPES]
     if not keep:
-      raise ValueError("test_comp needs a family other than 'pointer'")
+      raise ValueError(f"test_comp needs a family other than {NO_SHAPES}")
     names = tuple(names[k] for k in keep)
     weights = tuple(weights[k] for k in keep)
   p = np.asarray(weights, np.float64)
@@ -118,12 +148,13 @@ class EmbeddedSource:
   origin (for error messages). Picklable, so grain workers rebuild nothing.
   """
 
-  def __init__(self, ecfg, *, image_size, patch_size, seed, split):
+  def __init__(self, ecfg, *, image_size, patch_size, seed, split, stream=0):
     if split not in SPLIT_IDS:
       raise ValueError(f"embedded split {split!r} unknown; choose from {sorted(SPLIT_IDS)}")
     self.split = split
     self.image_size = image_size
-    self.spec = make_spec(ecfg, image_size, patch_size, comp=split == "test_comp")
+    self.spec = make_spec(ecfg, image_size, patch_size, comp=split == "test_comp",
+                          split=split)
     self.names, self.probs = family_weights(ecfg, split)
     size = {"train": ecfg.num_train, "val": ecfg.num_val, "test": ecfg.num_test,
             "test_comp": ecfg.num_test}[split]
@@ -132,6 +163,8 @@ class EmbeddedSource:
                        "be a positive int")
     self._len = size
     self._seed = int(seed)
+    # A curriculum level reads its own stream (see curriculum.py); 0 is the plain one.
+    self._stream = int(stream)
 
   def __len__(self):
     return self._len
@@ -143,7 +176,8 @@ class EmbeddedSource:
     """Generates example i without rendering: (scene, question, answer, family, hops)."""
     if not 0 <= i < self._len:
       raise IndexError(f"index {i} out of range for {self!r}")
-    rng = np.random.default_rng([self._seed, SPLIT_IDS[self.split], int(i)])
+    key = [self._seed, SPLIT_IDS[self.split], int(i)] + ([self._stream] if self._stream else [])
+    rng = np.random.default_rng(key)
     name = self.names[rng.choice(len(self.names), p=self.probs)]
     scene, q, a, hops = families.generate(name, rng, self.spec)
     return scene, q, a, families.ALL_FAMILIES.index(name), hops

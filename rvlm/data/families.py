@@ -15,8 +15,11 @@ Families and their reasoning steps (`hops`):
   count    1   how many large circles are there ?                      -> 0..max_count
   exist    1   is there a small triangle ?                             -> yes/no
   pointer  h   start at the red arrow . follow h arrows . what colour ?  (h tunable)
-count and exist are perception controls; pointer is the family whose depth is explicit
-and set by `max_hops`: each arrow points at the neighbouring cell to visit next.
+  chase    h   where does the red chain end ?                          -> colour
+count and exist are perception controls; pointer and chase are the families whose depth
+is explicit and set by `max_hops`: each arrow points at the neighbouring cell to visit
+next; each chase node names the colour of the next node (chase.py: the depth-demanding
+family, with distractor chains of the same length and ends that are fixed points).
 
 Relations are between neighbouring grid cells ("right of X" = the cell right of X's),
 and chain paths never revisit a cell, so no step undoes the previous one.
@@ -31,10 +34,11 @@ import dataclasses
 
 import numpy as np
 
+from rvlm.data import chase
 from rvlm.data import scenes
 
 FAMILIES = ("lookup", "relate", "chain2", "chain3", "compare", "count", "exist",
-            "pointer")
+            "pointer", "chase")
 # Records from LLaVA-format files carry this family (index len(FAMILIES)).
 LLAVA_FAMILY = "llava"
 ALL_FAMILIES = FAMILIES + (LLAVA_FAMILY,)
@@ -58,6 +62,9 @@ class Spec:
   allowed: np.ndarray   # bool [num_colours, num_shapes]: pairs a scene may contain
   heldout: tuple        # ((colour, shape), ...) kept out of train/val/test scenes
   comp: bool            # test_comp: one named object carries a held-out pair
+  chase_chains: int = 3  # chase: chains per scene (fewer when long ones do not fit)
+  chase_colours: int = 26  # chase: palette size (chase.PALETTE)
+  hop_focus: float = 0.0  # pointer/chase: share of examples drawn at max_hops exactly
 
 
 def answer_set(family: str, spec: Spec) -> tuple:
@@ -69,6 +76,8 @@ def answer_set(family: str, spec: Spec) -> tuple:
     return ("yes", "no")
   if family == "count":
     return tuple(str(k) for k in range(spec.max_count + 1))
+  if family == "chase":
+    return chase.NAMES[:spec.chase_colours]
   return colours
 
 
@@ -215,7 +224,7 @@ def _count_or_exist(rng, spec, family):
 
 def _pointer(rng, spec):
   """Follow h arrows from a named arrow; h is drawn from 1..max_hops."""
-  hops = int(rng.integers(1, spec.max_hops + 1))
+  hops = chase.draw_hops(rng, spec)
   b = _Builder(rng, spec)
   cells, moves = scenes.self_avoiding_path(rng, spec.grid, hops)
   answer = int(rng.integers(spec.num_colours))
@@ -251,6 +260,8 @@ def generate(family: str, rng: np.random.Generator, spec: Spec):
     return _count_or_exist(rng, spec, family)
   if family == "pointer":
     return _pointer(rng, spec)
+  if family == "chase":
+    return chase.generate(rng, spec)
   raise ValueError(f"unknown embedded family {family!r}; known: {FAMILIES}")
 
 
@@ -260,5 +271,6 @@ def max_question_words(spec: Spec, families=FAMILIES) -> int:
   pointer = len(f"start at the c arrow . follow {spec.max_hops} arrows . "
                 "what colour ?".split())
   bound = {"lookup": 7, "relate": 3 + 4 + 4, "chain2": 3 + 8 + 4, "chain3": 3 + 12 + 4,
-           "compare": 12, "count": 7, "exist": 6, "pointer": pointer}
+           "compare": 12, "count": 7, "exist": 6, "pointer": pointer,
+           "chase": len(chase.QUESTION.split())}
   return max(bound[f] for f in families)

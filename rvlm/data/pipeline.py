@@ -101,13 +101,13 @@ def validate(config, process_count=1):
                          f"embedded questions (need {need})")
 
 
-def source(config, name, split):
+def source(config, name, split, stream=0):
   """A random-access source of records for one (source name, split)."""
   d = config.data
   if name == "embedded":
     size, patch = _image_size(config)
     return embedded.EmbeddedSource(d.embedded, image_size=size, patch_size=patch,
-                                   seed=config.seed, split=split)
+                                   seed=config.seed, split=split, stream=stream)
   if name == "embedded_tfds":
     from rvlm.data import tfds_embedded  # pylint: disable=g-import-not-at-top
     return tfds_embedded.TfdsSource(config, split)
@@ -133,15 +133,18 @@ def _seed(config):
   return (int(config.seed) * 1_000_003 + int(config.data.shuffle_seed)) % 2**32
 
 
-def build_train_iterator(config, process_index=0, process_count=1):
-  """Infinite iterator of local train batches (global batch // process_count)."""
+def build_train_iterator(config, process_index=0, process_count=1, stream=0):
+  """Infinite iterator of local train batches (global batch // process_count).
+
+  `stream` selects another example stream of the embedded source (a curriculum level).
+  """
   validate(config, process_count)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   d = config.data
   mixture = parse_mixture(d.mixture) or ((d.name, 1.0),)
   seed = _seed(config)
-  parts = [grain.MapDataset.source(source(config, name, "train"))
+  parts = [grain.MapDataset.source(source(config, name, "train", stream))
            .shuffle(seed=(seed + 7919 * k) % 2**32).repeat()
            for k, (name, _) in enumerate(mixture)]
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(
@@ -168,9 +171,10 @@ def build_train_iterator(config, process_index=0, process_count=1):
 
 
 def build_eval_batches(config, split, batch_size, num_examples, process_index=0,
-                       process_count=1):
+                       process_count=1, only_hops=None):
   """A list of local eval batches over the first `num_examples` of `split`.
 
+  `only_hops` keeps just the examples with that hop count (a curriculum's probe).
   Deterministic and built eagerly in this process. The last global batch is filled
   with padding examples (example_mask 0); process p gets rows
   [p * local, (p + 1) * local) of every global batch.
@@ -183,6 +187,8 @@ def build_eval_batches(config, split, batch_size, num_examples, process_index=0,
   pre, keep = _preprocessor(config), skips.CountAndDrop()
   exs = [preprocess.drop_skip(ex) for ex in
          (pre(src[i]) for i in range(min(int(num_examples), len(src)))) if keep(ex)]
+  if only_hops is not None:
+    exs = [ex for ex in exs if int(ex["hops"]) == only_hops]
   if not exs:
     raise ValueError(f"no usable eval examples in split {split!r}")
   for ex in exs:

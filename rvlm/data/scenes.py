@@ -8,7 +8,9 @@ offset between image tokens, which a small transformer learns quickly and compos
 A scene is an int32 array [n, 6] with one row per object:
   (colour, shape, size, row, col, direction)
 `shape == ARROW` marks an arrow (pointer family) whose `direction` indexes DIRECTIONS;
-other objects have direction -1. Colours are unique within a scene so that a colour
+`shape == LINK` marks a chase-family node whose colour and `direction` index the chase
+palette (chase.PALETTE): its own colour and that of the node it points to; other
+objects have direction -1. Named colours are unique within a scene so that a colour
 names one object.
 """
 import numpy as np
@@ -32,6 +34,7 @@ COLOUR_NAMES = tuple(name for name, _ in COLOURS)
 SHAPES = ("square", "circle", "triangle", "diamond")
 SIZES = ("small", "large")
 ARROW = len(SHAPES)  # shape index of arrows (pointer family); not a nameable shape
+LINK = ARROW + 1     # shape index of chase-family nodes (chase.py); not nameable
 
 # Grid moves as (d_row, d_col); row 0 is the top of the image.
 DIRECTIONS = ("up", "down", "left", "right")
@@ -60,6 +63,9 @@ def render(scene: np.ndarray, image_size: int, grid: int) -> np.ndarray:
   img = Image.new("RGB", (image_size, image_size), (0, 0, 0))
   draw = ImageDraw.Draw(img)
   for colour, shape, size, row, col, direction in scene.tolist():
+    if shape == LINK:
+      _draw_link(draw, cell, row, col, colour, direction)
+      continue
     rgb = COLOURS[colour][1]
     ext = max(2, round(_EXTENT[size] * cell))
     x0 = col * cell + (cell - ext) // 2
@@ -83,6 +89,18 @@ def render(scene: np.ndarray, image_size: int, grid: int) -> np.ndarray:
       }[direction]
       draw.polygon([apex, base[0], base[1], base[2]], fill=rgb)
   return np.asarray(img, dtype=np.uint8)
+
+
+def _draw_link(draw, cell, row, col, colour, target):
+  """A chase node: a ring of its own colour around a core of its target's (chase.py)."""
+  from rvlm.data import chase  # pylint: disable=g-import-not-at-top  (chase imports scenes)
+  ring = max(1, cell // 4)
+  if cell - 2 * ring < 1:
+    raise ValueError(f"chase cells of {cell} px cannot hold a ring and a core")
+  x0, y0 = col * cell, row * cell
+  draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=chase.PALETTE[colour][1])
+  draw.rectangle([x0 + ring, y0 + ring, x0 + cell - 1 - ring, y0 + cell - 1 - ring],
+                 fill=chase.PALETTE[target][1])
 
 
 def self_avoiding_path(rng: np.random.Generator, grid: int, hops: int):

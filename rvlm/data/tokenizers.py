@@ -13,6 +13,7 @@ strings rather than a native object.
 """
 import re
 
+from rvlm.data import chase
 from rvlm.data import scenes
 
 PAD, BOS, EOS, IMAGE, UNK = "<pad>", "<bos>", "<eos>", "<image>", "<unk>"
@@ -26,7 +27,9 @@ _WORDS = (
      "and", "in", "image")
     + scenes.COLOUR_NAMES + scenes.SHAPES + ("squares", "circles", "triangles",
                                              "diamonds") + scenes.SIZES
-    + tuple(str(k) for k in range(65)))
+    + tuple(str(k) for k in range(65))
+    # Appended (not inserted) so that earlier ids, and checkpoints, stay valid.
+    + ("where", "does", "chain", "end") + chase.NAMES)
 _TOKEN_RE = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 
