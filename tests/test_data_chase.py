@@ -48,8 +48,8 @@ def read_image(image, grid):
   for r in range(grid):
     for c in range(grid):
       patch = image[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
-      if not patch.any():
-        continue                         # an empty cell is black all over
+      if (patch == chase.BACKGROUND).all():
+        continue                         # an empty cell shows the background only
       ring, core = tuple(patch[0, 0]), tuple(patch[cell // 2, cell // 2])
       ring_px = np.ones((cell, cell), bool)
       ring_px[cell // 4:cell - cell // 4, cell // 4:cell - cell // 4] = False

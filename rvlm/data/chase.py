@@ -13,8 +13,8 @@ A node fills one grid cell (one ViT patch) with two colours:
   +--------+
 
 The scene holds C chains of exactly h hops each, start -> ... -> end, every node with
-its own colour of the chase palette (PALETTE: 26 colours, the corners and midpoints of
-the RGB cube), on random cells. The question names a chain by its start colour; the
+its own colour of the chase palette (PALETTE: 26 colours on a sphere around the grey
+background), on random cells. The question names a chain by its start colour; the
 answer is its end colour. So:
   * h = 1 is a pure lookup (the start's core is the answer); each further hop is one
     more lookup of the same kind;
@@ -36,18 +36,33 @@ import numpy as np
 
 from rvlm.data import scenes
 
-# Named by the usual web names; the first eight are the most distinct.
-PALETTE = (
-    ("red", (255, 0, 0)), ("lime", (0, 255, 0)), ("blue", (0, 0, 255)),
-    ("yellow", (255, 255, 0)), ("cyan", (0, 255, 255)), ("magenta", (255, 0, 255)),
-    ("white", (255, 255, 255)), ("grey", (128, 128, 128)),
-    ("maroon", (128, 0, 0)), ("green", (0, 128, 0)), ("navy", (0, 0, 128)),
-    ("olive", (128, 128, 0)), ("teal", (0, 128, 128)), ("purple", (128, 0, 128)),
-    ("orange", (255, 128, 0)), ("rose", (255, 0, 128)), ("chartreuse", (128, 255, 0)),
-    ("spring", (0, 255, 128)), ("azure", (0, 128, 255)), ("violet", (128, 0, 255)),
-    ("salmon", (255, 128, 128)), ("mint", (128, 255, 128)), ("lavender", (128, 128, 255)),
-    ("cream", (255, 255, 128)), ("pink", (255, 128, 255)), ("sky", (128, 255, 255)),
+# The 26 directions of the RGB cube's lattice {-1, 0, 1}^3 \ {0}, each named by the
+# web colour at that lattice corner or midpoint ("red" = (1, -1, -1) ~ (255, 0, 0);
+# "grey" takes (-1, -1, -1), black's direction). A colour is BACKGROUND + 127.5 times the
+# unit direction: all lie on one sphere around the background, so every colour is an
+# extreme point of the set and a linear read-out (a patch embedding, a dot-product
+# attention query) can single out any one of them; the plain lattice would put grey
+# and the other midpoints inside the hull, where no linear function peaks.
+_DIRECTIONS = (
+    ("red", (1, -1, -1)), ("lime", (-1, 1, -1)), ("blue", (-1, -1, 1)),
+    ("yellow", (1, 1, -1)), ("cyan", (-1, 1, 1)), ("magenta", (1, -1, 1)),
+    ("white", (1, 1, 1)), ("grey", (-1, -1, -1)),
+    ("maroon", (0, -1, -1)), ("green", (-1, 0, -1)), ("navy", (-1, -1, 0)),
+    ("olive", (0, 0, -1)), ("teal", (-1, 0, 0)), ("purple", (0, -1, 0)),
+    ("orange", (1, 0, -1)), ("rose", (1, -1, 0)), ("chartreuse", (0, 1, -1)),
+    ("spring", (-1, 1, 0)), ("azure", (-1, 0, 1)), ("violet", (0, -1, 1)),
+    ("salmon", (1, 0, 0)), ("mint", (0, 1, 0)), ("lavender", (0, 0, 1)),
+    ("cream", (1, 1, 0)), ("pink", (1, 0, 1)), ("sky", (0, 1, 1)),
 )
+BACKGROUND = (128, 128, 128)  # empty cells: the sphere's centre, no colour direction
+
+
+def _on_sphere(d):
+  n = float(np.sqrt(sum(x * x for x in d)))
+  return tuple(int(round(127.5 + 127.5 * x / n)) for x in d)
+
+
+PALETTE = tuple((name, _on_sphere(d)) for name, d in _DIRECTIONS)
 NAMES = tuple(name for name, _ in PALETTE)
 
 QUESTION = "where does the {} chain end ?"

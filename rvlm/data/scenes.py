@@ -60,7 +60,9 @@ def grid_size(image_size: int, patch_size: int) -> int:
 def render(scene: np.ndarray, image_size: int, grid: int) -> np.ndarray:
   """Draws `scene` on a black image; returns uint8 [image_size, image_size, 3]."""
   cell = image_size // grid
-  img = Image.new("RGB", (image_size, image_size), (0, 0, 0))
+  # Chase scenes sit on the centre of their colour sphere (chase.BACKGROUND).
+  links = len(scene) and (scene[:, SHAPE] == LINK).any()
+  img = Image.new("RGB", (image_size, image_size), _chase_background() if links else (0, 0, 0))
   draw = ImageDraw.Draw(img)
   for colour, shape, size, row, col, direction in scene.tolist():
     if shape == LINK:
@@ -89,6 +91,11 @@ def render(scene: np.ndarray, image_size: int, grid: int) -> np.ndarray:
       }[direction]
       draw.polygon([apex, base[0], base[1], base[2]], fill=rgb)
   return np.asarray(img, dtype=np.uint8)
+
+
+def _chase_background():
+  from rvlm.data import chase  # pylint: disable=g-import-not-at-top  (chase imports scenes)
+  return chase.BACKGROUND
 
 
 def _draw_link(draw, cell, row, col, colour, target):
