@@ -14,6 +14,13 @@ Parameters are read from the flax param tree (converted to float64 numpy with
   vit       patch_embed [p*p*C, w] + bias, pos_embedding [n, w], blocks stacked on [depth]
   connector norm_scale [k, d], proj / proj_in / proj_out [k, modality, d, d], alpha [d] or [],
             fusion_logits [k]
+  attention (decoder and ViT, only when the option is on) q_norm / k_norm scale
+            [L, head_dim] (qk_norm), logit_scale [L, heads] (logit_scale='learned')
+
+The attention-plateau options, from their definitions: qk_norm replaces each head's
+query q_h and key k_h by rms_norm(q_h, q_norm) and rms_norm(k_h, k_norm) over head_dim
+(before RoPE in the decoder, after the projection biases in the ViT); a learned logit
+scale c_h multiplies head h's scores: softmax(c_h * q_h k_h^T / sqrt(D)).
 """
 import math
 
@@ -104,9 +111,11 @@ def rope_positions(input_mask):
 # Decoder.
 # ----------------------------------------------------------------------------------------
 
-def masked_attention_head(q, k, v, mask):
-  """One head: softmax(q k^T / sqrt(D)) v over the visible keys; rows with none -> 0."""
-  scores = q @ k.T / math.sqrt(q.shape[-1])
+def masked_attention_head(q, k, v, mask, logit_scale=1.0):
+  """One head: softmax(c q k^T / sqrt(D)) v over the visible keys; rows with none -> 0.
+
+  c = logit_scale (1 unless the head has a learned scale)."""
+  scores = logit_scale * (q @ k.T) / math.sqrt(q.shape[-1])
   out = np.zeros((q.shape[0], v.shape[1]))
   for i in range(q.shape[0]):
     vis = mask[i]
@@ -116,10 +125,19 @@ def masked_attention_head(q, k, v, mask):
   return out
 
 
-def gqa_attention(x, mask, positions, p, theta):
+def head_logit_scale(p, h, logit_scale):
+  """Head h's logit multiplier: the learned param, or 1 for logit_scale='none'."""
+  if logit_scale == "none":
+    return 1.0
+  assert logit_scale == "learned", logit_scale
+  return p["logit_scale"][h]
+
+
+def gqa_attention(x, mask, positions, p, theta, eps=1e-6, qk_norm=False, logit_scale="none"):
   """Grouped-query attention of one example, x: [N, d]; p: one layer's attn params.
 
-  Query head h reads kv head h // (H / K).
+  Query head h reads kv head h // (H / K). With qk_norm, each head's q and k are
+  RMS-normalised over head_dim (eps = the decoder's norm_eps) before RoPE.
   """
   wq, wk, wv, wo = p["q"]["kernel"], p["k"]["kernel"], p["v"]["kernel"], p["o"]["kernel"]
   num_heads, num_kv = wq.shape[1], wk.shape[1]
@@ -127,10 +145,12 @@ def gqa_attention(x, mask, positions, p, theta):
   out = np.zeros((x.shape[0], wo.shape[-1]))
   for h in range(num_heads):
     g = h // group
-    q = rope(x @ wq[:, h, :], positions, theta)
-    k = rope(x @ wk[:, g, :], positions, theta)
+    q, k = x @ wq[:, h, :], x @ wk[:, g, :]
+    if qk_norm:
+      q, k = rms_norm(q, p["q_norm"]["scale"], eps), rms_norm(k, p["k_norm"]["scale"], eps)
+    q, k = rope(q, positions, theta), rope(k, positions, theta)
     v = x @ wv[:, g, :]
-    out += masked_attention_head(q, k, v, mask) @ wo[h]
+    out += masked_attention_head(q, k, v, mask, head_logit_scale(p, h, logit_scale)) @ wo[h]
   return out
 
 
@@ -145,18 +165,20 @@ def layer_params(stacked, l):
   return stacked[l]
 
 
-def decoder_layer(x, mask, positions, p, theta, eps):
+def decoder_layer(x, mask, positions, p, theta, eps, qk_norm=False, logit_scale="none"):
   """Pre-norm block: x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x))."""
-  x = x + gqa_attention(rms_norm(x, p["attn_norm"]["scale"], eps), mask, positions, p["attn"], theta)
+  x = x + gqa_attention(rms_norm(x, p["attn_norm"]["scale"], eps), mask, positions, p["attn"],
+                        theta, eps, qk_norm, logit_scale)
   return x + swiglu(rms_norm(x, p["mlp_norm"]["scale"], eps), p["mlp"])
 
 
-def decoder_stack(x, mask, positions, stacked, theta, eps):
+def decoder_stack(x, mask, positions, stacked, theta, eps, qk_norm=False, logit_scale="none"):
   """All L layers on one example; returns the list of every layer's output (1..L)."""
   depth = stacked["attn_norm"]["scale"].shape[0]
   outs = []
   for l in range(depth):
-    x = decoder_layer(x, mask, positions, layer_params(stacked, l), theta, eps)
+    x = decoder_layer(x, mask, positions, layer_params(stacked, l), theta, eps, qk_norm,
+                      logit_scale)
     outs.append(x)
   return outs
 
@@ -176,8 +198,11 @@ def patchify(image, patch):
   return np.stack(rows)
 
 
-def vit(image, p, patch):
-  """One image [H, W, C] -> tokens [n, w] (pre-LayerNorm blocks, final LayerNorm)."""
+def vit(image, p, patch, qk_norm=False, logit_scale="none"):
+  """One image [H, W, C] -> tokens [n, w] (pre-LayerNorm blocks, final LayerNorm).
+
+  With qk_norm, each head's (biased) q and k are RMS-normalised over head_dim, eps 1e-6.
+  """
   x = patchify(image, patch) @ p["patch_embed"]["kernel"] + p["patch_embed"]["bias"]
   x = x + p["pos_embedding"]
   blocks = p["blocks"]
@@ -192,7 +217,10 @@ def vit(image, p, patch):
       q = h @ a["q"]["kernel"][:, head] + a["q"]["bias"][head]
       k = h @ a["k"]["kernel"][:, head] + a["k"]["bias"][head]
       v = h @ a["v"]["kernel"][:, head] + a["v"]["bias"][head]
-      attn += masked_attention_head(q, k, v, full) @ a["o"]["kernel"][head]
+      if qk_norm:
+        q, k = rms_norm(q, a["q_norm"]["scale"], 1e-6), rms_norm(k, a["k_norm"]["scale"], 1e-6)
+      attn += (masked_attention_head(q, k, v, full, head_logit_scale(a, head, logit_scale))
+               @ a["o"]["kernel"][head])
     x = x + attn + a["o"]["bias"]
     h = layer_norm(x, b["ln2"]["scale"], b["ln2"]["bias"])
     m = b["mlp"]
@@ -271,7 +299,8 @@ def vlm_forward(params, batch, cfg, num_steps=None):
   for b in range(bsz):
     # E_0 = concat(V, T); an image-less example gets zero image tokens that are also
     # masked out of attention.
-    img = projector(vit(images[b].astype(np.float64), params["vit"], cfg.vit.patch_size),
+    img = projector(vit(images[b].astype(np.float64), params["vit"], cfg.vit.patch_size,
+                        cfg.vit.qk_norm, cfg.vit.logit_scale),
                     params["projector"], cfg.projector.kind) * float(image_mask[b])
     txt = params["embed"]["embedding"][tokens[b]]
     e0 = np.concatenate([img, txt], axis=0)
@@ -281,7 +310,7 @@ def vlm_forward(params, batch, cfg, num_steps=None):
     pos = rope_positions(input_mask)
     e, hs, es = e0, [], []
     for _ in range(steps):
-      outs = decoder_stack(e, mask, pos, stacked, theta, eps)
+      outs = decoder_stack(e, mask, pos, stacked, theta, eps, dec.qk_norm, dec.logit_scale)
       hs.append(outs[-1])
       es.append(e)
       if rec.mode == "connector":

@@ -7,7 +7,10 @@ import optax
 import pytest
 
 from rvlm import losses
+from rvlm import optim
+from rvlm import sharding
 from rvlm.models import decoder as decoder_lib
+from rvlm.models import layers
 from rvlm.models import presets, vlm
 
 B, T = 2, 10
@@ -142,7 +145,6 @@ def test_r1_modes_equal_plain_forward():
   batch = make_batch(cfg)
   # The plain, non-recursive forward: embeddings -> one decoder stack -> head.
   e0, input_mask, mask_ar = jax.jit(lambda p: model.apply({"params": p}, batch, method=model.embed_inputs))(params)
-  from rvlm.models import layers
   dec = cfg.decoder
   stack = decoder_lib.DecoderStack(dec.width, dec.depth, dec.num_heads, dec.num_kv_heads,
                                    dec.head_dim, dec.mlp_dim, dec.rope_theta, dec.norm_eps)
@@ -309,6 +311,129 @@ def test_a_few_optimizer_steps_lower_the_loss(mode, steps):
     assert float(jnp.abs(grads["recursion"]["step"]["connector"]["proj"]).max()) > 0
 
 
+# ---- attention-plateau options (QK-norm, learned logit scale) ------------------------
+
+ATTN_ON = {"qk_norm": True, "logit_scale": "learned", "logit_scale_init": 2.5}
+_NEW_PARAM_NAMES = ("q_norm", "k_norm", "logit_scale")
+
+
+def attn(parts=("decoder", "vit"), **options):
+  """tiny() overrides setting attention `options` (default: all on) in `parts`."""
+  options = options or ATTN_ON
+  return {f"{part}.{k}": v for part in parts for k, v in options.items()}
+
+
+def _paths(cfg):
+  model = vlm.make_model(cfg)
+  batch = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(cfg))
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"]
+  return boxed, optim.param_paths(boxed)
+
+
+def random_params(cfg, seed=1):
+  """Random params without running init: N(1, 0.3^2) for scales (incl. logit_scale),
+  N(0, 0.3^2) elsewhere, from numpy (compiling `init` and jax's RNG per leaf costs tens
+  of seconds on 2 cores; these tests only need live, non-degenerate values)."""
+  rng = np.random.default_rng(seed)
+  boxed, _ = _paths(cfg)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.asarray(
+          ("scale" in jax.tree_util.keystr(path)) + 0.3 * rng.standard_normal(x.shape), x.dtype),
+      nn.unbox(boxed))
+
+
+def _attns(params):
+  """The decoder's and the ViT's attention param dicts."""
+  return [params["recursion"]["step"]["stack"]["layers"]["layer"]["attn"],
+          params["vit"]["blocks"]["attn"]]
+
+
+def test_attention_options_off_add_no_params_and_change_nothing():
+  """Off (the preset default) keeps the param tree of checkpoints made before the
+  options existed: 73,120 params for tiny, measured before they were added. A learned
+  scale initialised to 1 multiplies the logits by exactly 1.0: bit-identical outputs,
+  so the scale sits on top of 1/sqrt(head_dim) rather than replacing it."""
+  cfg = tiny("connector", 2)
+  assert abstract_count(cfg) == 73_120
+  _, paths = _paths(cfg)
+  assert not [p for p in jax.tree.leaves(paths) if any(n in p for n in _NEW_PARAM_NAMES)]
+  learned = tiny("connector", 2, **attn(logit_scale="learned"))
+  params_l = random_params(learned)
+  for a in _attns(params_l):
+    a["logit_scale"] = jnp.ones_like(a["logit_scale"])
+  params = jax.tree_util.tree_map(lambda x: x, params_l)  # the same values, less the scales
+  for a in _attns(params):
+    del a["logit_scale"]
+  batch = make_batch(cfg)
+  np.testing.assert_array_equal(forward(vlm.make_model(cfg), params, batch)["hidden"],
+                                forward(vlm.make_model(learned), params_l, batch)["hidden"])
+
+
+@pytest.mark.parametrize("options", [dict(qk_norm=True), dict(logit_scale="learned"), ATTN_ON],
+                         ids=["qk_norm", "learned", "both"])
+def test_attention_options_add_exactly_their_params(options):
+  """Per attention layer: QK-norm adds 2 x head_dim (q and k scales), a learned logit
+  scale adds num_heads; the decoder has decoder.depth layers, the ViT vit.depth."""
+  cfg = tiny("connector", 2)
+  dec, vit = cfg.decoder, cfg.vit
+  per_layer = lambda head_dim, heads: (  # noqa: E731
+      2 * head_dim * options.get("qk_norm", False)
+      + heads * (options.get("logit_scale") == "learned"))
+  want = {"decoder": dec.depth * per_layer(dec.head_dim, dec.num_heads),
+          "vit": vit.depth * per_layer(vit.width // vit.num_heads, vit.num_heads)}
+  base = abstract_count(cfg)
+  for parts in (("decoder",), ("vit",), ("decoder", "vit")):
+    got = abstract_count(tiny("connector", 2, **attn(parts, **options))) - base
+    assert got == sum(want[p] for p in parts) > 0, (parts, got)
+
+
+def test_attention_option_params_init_names_and_no_weight_decay():
+  """logit_scale starts at logit_scale_init per layer and head, QK-norm scales at 1;
+  every new param has a sharding rule for each of its logical axes and matches
+  configs/base.py's no_decay regexes (a learned temperature or norm scale decayed
+  towards 0 would flatten attention)."""
+  from configs import base
+  cfg = tiny("connector", 2, **attn())
+  boxed, paths = _paths(cfg)
+  _, params = init(cfg)
+  no_decay = optim.regex_mask(params, base.get_config().optim.no_decay)
+  rules = {name for name, _ in sharding.LOGICAL_AXIS_RULES}
+  shapes = [(cfg.decoder.depth, cfg.decoder.num_heads, cfg.decoder.head_dim),
+            (cfg.vit.depth, cfg.vit.num_heads, cfg.vit.width // cfg.vit.num_heads)]
+  for node, box, path, decay, (depth, heads, head_dim) in zip(
+      _attns(params), _attns(boxed), _attns(paths), _attns(no_decay), shapes):
+    np.testing.assert_array_equal(node["logit_scale"], np.full((depth, heads), 2.5, np.float32))
+    assert box["logit_scale"].names == ("layers", "heads")
+    assert path["logit_scale"].endswith("attn/logit_scale") and decay["logit_scale"]
+    for norm in ("q_norm", "k_norm"):
+      np.testing.assert_array_equal(node[norm]["scale"], np.ones((depth, head_dim), np.float32))
+      assert box[norm]["scale"].names == ("layers", "head_dim")
+      assert decay[norm]["scale"]
+  for leaf in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)):
+    assert set(leaf.names) <= rules, leaf.names
+
+
+def test_attention_option_params_get_gradients():
+  """Both attentions pass finite, non-zero gradients to the new params (checked on the
+  modules alone: compiling the full model's backward pass costs ~20 s here)."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+  mask = layers.prefix_lm_mask(jnp.ones((2, 5), jnp.int32), jnp.asarray([[0, 0, 1, 1, 1]] * 2))
+  pos = layers.positions_from_mask(jnp.ones((2, 5), jnp.int32))
+  for module, args in [
+      (layers.Attention(4, 2, 8, 100.0, qk_norm=True, logit_scale="learned",
+                        logit_scale_init=2.5), (x, mask, pos)),
+      (layers.VitAttention(2, qk_norm=True, logit_scale="learned", logit_scale_init=2.5), (x,))]:
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"])
+    params = jax.tree.map(lambda s: jnp.asarray(1 + 0.3 * rng.standard_normal(s.shape),
+                                                jnp.float32), shapes)
+    target = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+    loss = lambda p, m=module, a=args, y=target: jnp.sum((m.apply({"params": p}, *a) - y) ** 2)  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)
+    for leaf in (grads["logit_scale"], grads["q_norm"]["scale"], grads["k_norm"]["scale"]):
+      assert bool(jnp.all(jnp.isfinite(leaf))) and float(jnp.abs(leaf).min()) > 0
+
+
 # ---- bad configuration ---------------------------------------------------------------
 
 
@@ -330,6 +455,31 @@ def test_bad_config_raises_naming_the_field(field, value, match):
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError, match=match):
+    vlm.make_model(cfg)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"decoder.logit_scale": "fixed"}, r"config\.model\.decoder\.logit_scale='fixed'"),
+    ({"vit.logit_scale": "learnt"}, r"config\.model\.vit\.logit_scale='learnt'"),
+    ({"decoder.logit_scale": "learned", "decoder.logit_scale_init": 0.0},
+     r"config\.model\.decoder\.logit_scale_init=0\.0"),
+    ({"vit.logit_scale": "learned", "vit.logit_scale_init": -2.0},
+     r"config\.model\.vit\.logit_scale_init=-2\.0"),
+    ({"vit.logit_scale": "learned", "vit.logit_scale_init": float("nan")},
+     r"config\.model\.vit\.logit_scale_init=nan"),
+    ({"decoder.logit_scale_init": 2.5}, r"decoder\.logit_scale_init=2\.5.*only used with"),
+])
+def test_bad_attention_options_raise_naming_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    vlm.make_model(tiny("connector", 2, **overrides))
+
+
+def test_qk_norm_must_be_a_bool():
+  # ConfigDict refuses a non-bool on override; a config rebuilt from a dict (e.g. JSON
+  # with "false" as a string) does not, and a truthy string would silently turn it on.
+  cfg = tiny("connector", 2)
+  cfg.vit = dict(cfg.vit.to_dict(), qk_norm="false")
+  with pytest.raises(ValueError, match=r"config\.model\.vit\.qk_norm='false'"):
     vlm.make_model(cfg)
 
 

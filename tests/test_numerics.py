@@ -14,7 +14,14 @@ relative (<= 2.3e-5 absolute) over all cases. A real bug (a wrong RoPE pairing, 
 grouping, mask, sampled layer or connector weight index) changes outputs at O(0.1-1).
 Matmuls run with `jax.default_matmul_precision('float32')` so a backend that would use
 reduced precision for f32 dots (TF32 / bf16 passes) cannot blur the comparison.
+
+The attention-plateau options (QK-norm, learned logit scale; decoder and ViT) are
+checked the same way, with their params re-randomised too: learned logit scales
+U(1.5, 3.5) (around a sharpening init of 2.5, distinct per layer and head), QK-norm
+scales like every norm scale. Measured with the options on: <= 2.5e-6 relative
+(<= 6.6e-5 absolute on logits up to ~27), within the same bound.
 """
+import copy
 import os
 import sys
 
@@ -54,6 +61,7 @@ def randomise(params, seed):
   Kernels: N(0, 1/fan_in) so activations stay O(1) through depth and recursion.
   Norm scales and alpha: U(0.5, 1.5) (non-unit, positive, distinct per channel).
   Biases: N(0, 0.1^2). Embeddings: N(0, 1). Fusion logits: N(0, 1).
+  Learned attention logit scales: U(1.5, 3.5) (sharpening, distinct per head).
   """
   rng = np.random.default_rng(seed)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -64,6 +72,8 @@ def randomise(params, seed):
     shape = tuple(x.shape)
     if name in ("scale", "norm_scale", "alpha"):
       v = rng.uniform(0.5, 1.5, shape)
+    elif name == "logit_scale":
+      v = rng.uniform(1.5, 3.5, shape)
     elif name == "bias":
       v = 0.1 * rng.standard_normal(shape)
     elif name in ("embedding", "pos_embedding", "fusion_logits"):
@@ -96,14 +106,18 @@ def test_masks_and_positions_match_definition():
     np.testing.assert_array_equal(got_pos[b], ref.rope_positions(input_mask[b]))
 
 
-def test_decoder_stack_matches_reference():
+@pytest.mark.parametrize("qk_norm,logit_scale", [(False, "none"), (True, "learned")])
+def test_decoder_stack_matches_reference(qk_norm, logit_scale):
   """DecoderStack vs the numpy decoder: GQA (6 heads, 2 kv heads, head_dim 10 != d/H),
-  RoPE, a prefix + causal part, padding; also the k sampled layer outputs."""
+  RoPE, a prefix + causal part, padding; also the k sampled layer outputs. With the
+  attention options on, 3 query heads per kv head check the per-query-head scale index;
+  eps 1e-5 != 1e-6 checks that QK-norm uses the decoder's norm_eps."""
   width, depth, heads, kv, hd, mlp, k = 48, 3, 6, 2, 10, 80, 2
-  theta, eps = 500.0, 1e-6
+  theta, eps = 500.0, 1e-5
   stack = rdecoder.DecoderStack(width=width, depth=depth, num_heads=heads, num_kv_heads=kv,
                                 head_dim=hd, mlp_dim=mlp, rope_theta=theta, norm_eps=eps,
-                                num_sampled=k)
+                                num_sampled=k, qk_norm=qk_norm, logit_scale=logit_scale,
+                                logit_scale_init=2.5)
   rng = np.random.default_rng(1)
   bsz, n = 2, 11
   x = rng.standard_normal((bsz, n, width))
@@ -121,7 +135,8 @@ def test_decoder_stack_matches_reference():
   chosen = ref.sampled_layers(depth, k)
   assert chosen == [2, 3]
   for b in range(bsz):
-    outs = ref.decoder_stack(x[b], masks[b], pos[b].astype(np.float64), p, theta, eps)
+    outs = ref.decoder_stack(x[b], masks[b], pos[b].astype(np.float64), p, theta, eps,
+                             qk_norm, logit_scale)
     real = input_mask[b].astype(bool)
     assert rel_err(np.asarray(out)[b, real], outs[-1][real]) <= REL_TOL
     for s, layer in enumerate(chosen):
@@ -150,6 +165,9 @@ def _batch(cfg, seed):
       mask_loss=(mask_ar * input_mask).astype(np.int32))
 
 
+# The attention-plateau options, all on (a sharpening init; the values are re-randomised).
+ATTN_ON = dict(qk_norm=True, logit_scale="learned", logit_scale_init=2.5)
+
 # (name, overrides of config.model) — each changes one or more code paths.
 VLM_CASES = [
     ("none", dict(mode="none", num_steps=1)),
@@ -163,6 +181,14 @@ VLM_CASES = [
     ("conn_mlp_mean_modal_none_loop_untied",
      dict(mode="connector", num_steps=3, projection="mlp", base="none", num_layers=2,
           impl="loop", scan_layers=False, tie_embeddings=False)),
+    # QK-norm + learned logit scale in the decoder and the ViT, in every recursion mode.
+    ("none_attn", dict(mode="none", num_steps=1, decoder=ATTN_ON, vit=ATTN_ON)),
+    ("vanilla_attn_loop", dict(mode="vanilla", num_steps=3, impl="loop", decoder=ATTN_ON,
+                               vit=ATTN_ON)),
+    ("conn_attn", dict(mode="connector", num_steps=3, decoder=ATTN_ON, vit=ATTN_ON)),
+    # Each option alone, and different ones in the two towers (no cross-wiring).
+    ("conn_attn_mixed", dict(mode="connector", num_steps=2, decoder=dict(qk_norm=True),
+                             vit=dict(logit_scale="learned", logit_scale_init=0.5))),
 ]
 
 
@@ -179,6 +205,8 @@ def _config(over):
   for key in ("scan_layers", "tie_embeddings"):
     if key in over:
       cfg[key] = over[key]
+  for part in ("decoder", "vit"):  # attention options
+    cfg[part].update(over.get(part, {}))
   return cfg
 
 
@@ -238,3 +266,21 @@ def test_image_less_example_ignores_image():
   with jax.default_matmul_precision("float32"):
     h3 = fwd(params, other0)
   assert np.max(np.abs(np.asarray(h3)[:, 0] - np.asarray(h1)[:, 0])) > 1e-3
+
+
+def test_attention_options_change_the_reference():
+  """Each attention option, in each tower, changes the reference logits at O(0.1) or
+  more: the parity cases with the options on cannot pass by ignoring one of them."""
+  cfg = _config(dict(mode="connector", num_steps=2, decoder=ATTN_ON, vit=ATTN_ON))
+  model = vlm.make_model(cfg)
+  batch = _batch(cfg, seed=7)
+  params = ref.to_numpy(randomise(init_shapes(model, {k: jnp.asarray(v) for k, v in batch.items()}),
+                                  seed=8))
+  real = batch["input_mask"].astype(bool)
+  want = ref.vlm_forward(params, batch, cfg)["logits"][:, real]
+  for part in ("decoder", "vit"):
+    for field, off in (("qk_norm", False), ("logit_scale", "none")):
+      other = copy.deepcopy(cfg)
+      other[part][field] = off
+      got = ref.vlm_forward(params, batch, other)["logits"][:, real]
+      assert np.max(np.abs(got - want)) > 0.1, (part, field)

@@ -29,12 +29,18 @@ class DecoderLayer(nn.Module):
   rope_theta: float
   norm_eps: float
   dtype: Any = jnp.float32
+  qk_norm: bool = False           # see rvlm/models/layers.py (attention-plateau fix)
+  logit_scale: str = "none"
+  logit_scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, x, mask, positions):
     h = layers.RMSNorm(self.norm_eps, name="attn_norm")(x)
     x = x + layers.Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                             self.rope_theta, self.dtype, name="attn")(h, mask, positions)
+                             self.rope_theta, self.dtype, qk_norm=self.qk_norm,
+                             logit_scale=self.logit_scale,
+                             logit_scale_init=self.logit_scale_init,
+                             norm_eps=self.norm_eps, name="attn")(h, mask, positions)
     h = layers.RMSNorm(self.norm_eps, name="mlp_norm")(x)
     x = x + layers.SwiGLU(self.mlp_dim, self.dtype, name="mlp")(h)
     return layers.constrain(x)
@@ -76,6 +82,9 @@ class DecoderStack(nn.Module):
   scan: bool = True
   remat_policy: str = "none"
   dtype: Any = jnp.float32
+  qk_norm: bool = False
+  logit_scale: str = "none"
+  logit_scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, x, mask, positions):
@@ -87,7 +96,8 @@ class DecoderStack(nn.Module):
     buf = jnp.zeros((self.num_sampled,) + x.shape, x.dtype) if self.num_sampled else None
     layer_kwargs = dict(width=self.width, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                         head_dim=self.head_dim, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
-                        norm_eps=self.norm_eps, dtype=self.dtype)
+                        norm_eps=self.norm_eps, dtype=self.dtype, qk_norm=self.qk_norm,
+                        logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init)
     body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
                    unroll=1 if self.scan else self.depth,

@@ -3,6 +3,19 @@
 Kernels carry logical names ('embed', 'mlp', 'heads', 'kv_heads', 'head_dim', 'vocab',
 ...) through `nn.with_logical_partitioning`; `rvlm.sharding` maps them to mesh axes.
 Norms, softmax and RoPE run in float32 whatever the compute dtype.
+
+Both attentions take the two "attention-plateau" options (off by default, and then the
+computation and the param tree are exactly those without them):
+  qk_norm      RMSNorm over head_dim of every query and key head (one learnable
+               [head_dim] scale each for q and k, shared by the heads, as in Gemma-3 /
+               Qwen3; OLMo-2 and ViT-22B normalise q and k likewise), before RoPE in the
+               decoder. It bounds the logits' growth, which otherwise saturates the
+               softmax and stalls training.
+  logit_scale  'learned': a learnable per-query-head multiplier on the logits on top of
+               1/sqrt(head_dim), initialised to `logit_scale_init`; an init > 1 starts
+               attention sharper (the Eureka-moments fix for the plateau in which
+               near-uniform attention cannot pick out the tokens a task needs).
+               'none': plain 1/sqrt(head_dim).
 """
 import math
 from typing import Any
@@ -113,29 +126,58 @@ def positions_from_mask(input_mask):
   return jnp.maximum(jnp.cumsum(input_mask, axis=-1) - 1, 0)
 
 
-def _masked_softmax_attention(q, k, v, mask, dtype):
+LOGIT_SCALES = ("none", "learned")
+
+
+def _masked_softmax_attention(q, k, v, mask, dtype, logit_scale=None):
   """q: [B, T, K, G, D], k/v: [B, S, K, D], mask: [B, 1, T, S] -> [B, T, K, G, D].
 
   The G query heads that share a KV head are folded into the query length, so both
   products are plain batched matmuls over (B, K) and K/V are never repeated.
+  `logit_scale` ([K * G] per query head, head h = kv * G + g, or None) multiplies the
+  float32 logits, before masking so masked entries stay at the float32 minimum.
   """
   b, t, kh, g, d = q.shape
   qf = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d) * jnp.asarray(d ** -0.5, q.dtype)
   logits = jnp.einsum("bkqd,bskd->bkqs", qf, k, preferred_element_type=jnp.float32)
   logits = logits.reshape(b, kh, g, t, -1)
+  if logit_scale is not None:
+    logits = logits * logit_scale.astype(jnp.float32).reshape(1, kh, g, 1, 1)
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kh, g * t, -1)
   out = jnp.einsum("bkqs,bskd->bkqd", probs, v)
   return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4)
 
 
+def _norm_qk(module, q, k, eps):
+  """Per-head RMSNorm of q and k over head_dim: submodules `q_norm`, `k_norm` of
+  `module`, each with one [head_dim] scale shared by the heads (Gemma-3 / Qwen3)."""
+  q = RMSNorm(eps, axis_name="head_dim", parent=module, name="q_norm")(q)
+  k = RMSNorm(eps, axis_name="head_dim", parent=module, name="k_norm")(k)
+  return q, k
+
+
+def _logit_scale(module, kind, init, num_heads):
+  """The [num_heads] learned logit multiplier, or None for plain 1/sqrt(head_dim)."""
+  if kind == "none":
+    return None
+  if kind != "learned":
+    raise ValueError(f"logit_scale={kind!r} is unknown; choose one of {LOGIT_SCALES}")
+  return module.param("logit_scale", nn.with_logical_partitioning(
+      nn.initializers.constant(init), ("heads",)), (num_heads,), jnp.float32)
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE (decoder)."""
+  """Grouped-query self-attention with RoPE (decoder); optional QK-norm / logit scale."""
   num_heads: int
   num_kv_heads: int
   head_dim: int
   rope_theta: float
   dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  logit_scale: str = "none"
+  logit_scale_init: float = 1.0
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, mask, positions):
@@ -144,12 +186,15 @@ class Attention(nn.Module):
     q = proj("q", self.num_heads, ("embed", "heads", "head_dim"))(x)
     k = proj("k", self.num_kv_heads, ("embed", "kv_heads", "head_dim"))(x)
     v = proj("v", self.num_kv_heads, ("embed", "kv_heads", "head_dim"))(x)
+    if self.qk_norm:  # before RoPE: the rotation keeps the norm, the scale is per dim
+      q, k = _norm_qk(self, q, k, self.norm_eps)
     q = rope(q, positions, self.rope_theta)
     k = rope(k, positions, self.rope_theta)
     b, t = x.shape[:2]
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    out = _masked_softmax_attention(q, k, v, mask, self.dtype)
+    scale = _logit_scale(self, self.logit_scale, self.logit_scale_init, self.num_heads)
+    out = _masked_softmax_attention(q, k, v, mask, self.dtype, scale)
     out = out.reshape(b, t, self.num_heads, self.head_dim)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     return Dense((d,), ("heads", "head_dim", "embed"), num_in=2, dtype=self.dtype, name="o")(out)
@@ -169,9 +214,14 @@ class SwiGLU(nn.Module):
 
 
 class VitAttention(nn.Module):
-  """Bidirectional multi-head attention with biases (SigLIP / ViT)."""
+  """Bidirectional multi-head attention with biases (SigLIP / ViT); optional QK-norm
+  (after the biased projections, as in ViT-22B) and learned logit scale."""
   num_heads: int
   dtype: Dtype = jnp.float32
+  qk_norm: bool = False
+  logit_scale: str = "none"
+  logit_scale_init: float = 1.0
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
@@ -181,8 +231,12 @@ class VitAttention(nn.Module):
         (self.num_heads, hd), ("vit_embed", "heads", "head_dim"),
         bias_axes=("heads", "head_dim"), dtype=self.dtype, name=name)
     q, k, v = proj("q")(x), proj("k")(x), proj("v")(x)
+    if self.qk_norm:
+      q, k = _norm_qk(self, q, k, self.norm_eps)
+    scale = _logit_scale(self, self.logit_scale, self.logit_scale_init, self.num_heads)
     mask = jnp.ones((b, 1, n, n), bool)
-    out = _masked_softmax_attention(q[:, :, :, None, :], k, v, mask, self.dtype)[:, :, :, 0, :]
+    out = _masked_softmax_attention(q[:, :, :, None, :], k, v, mask, self.dtype,
+                                    scale)[:, :, :, 0, :]
     return Dense((d,), ("heads", "head_dim", "vit_embed"), num_in=2,
                  bias_axes=("vit_embed",), dtype=self.dtype, name="o")(out)
 

@@ -11,6 +11,15 @@ fields (`--config.model.decoder.depth=8`), so every size shares one schema.
 import ml_collections
 
 
+# The attention-plateau fix (rvlm/models/layers.py), for the decoder and the ViT alike;
+# all off, so a preset's numerics and param tree are those without these options.
+_ATTENTION_OPTIONS = dict(
+    qk_norm=False,            # RMSNorm of each q / k head over head_dim (learned scale)
+    logit_scale="none",       # none: 1/sqrt(head_dim); learned: x a per-head param
+    logit_scale_init=1.0,     # its init (> 1 sharpens attention); 'learned' only
+)
+
+
 def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True):
   return ml_collections.ConfigDict(dict(
       vocab_size=vocab_size,
@@ -23,9 +32,9 @@ def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True):
       # Scan over the L distinct decoder layers (True) or unroll them (False);
       # the param tree is identical either way.
       scan_layers=True,
-      vit=dict(vit),
+      vit=dict(vit, **_ATTENTION_OPTIONS),
       projector=dict(kind=projector),
-      decoder=dict(decoder),
+      decoder=dict(decoder, **_ATTENTION_OPTIONS),
       recursion=dict(
           # none: standard transformer (R must be 1); vanilla: E_{r+1} = H_L^(r);
           # connector: RecursiveVLM.

@@ -11,6 +11,9 @@ class VitBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  qk_norm: bool = False           # see rvlm/models/layers.py (attention-plateau fix)
+  logit_scale: str = "none"
+  logit_scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, x, _):
@@ -18,7 +21,11 @@ class VitBlock(nn.Module):
         dtype=self.dtype, name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-    x = x + layers.VitAttention(self.num_heads, self.dtype, name="attn")(ln("ln1")(x))
+    # QK-norm eps 1e-6: the ViT's LayerNorms use flax's default eps, also 1e-6.
+    x = x + layers.VitAttention(self.num_heads, self.dtype, qk_norm=self.qk_norm,
+                                logit_scale=self.logit_scale,
+                                logit_scale_init=self.logit_scale_init, norm_eps=1e-6,
+                                name="attn")(ln("ln1")(x))
     x = x + layers.GeluMLP(self.mlp_dim, dtype=self.dtype, name="mlp")(ln("ln2")(x))
     return layers.constrain(x), None
 
@@ -41,6 +48,9 @@ class ViT(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  qk_norm: bool = False
+  logit_scale: str = "none"
+  logit_scale_init: float = 1.0
 
   @nn.compact
   def __call__(self, images):
@@ -53,7 +63,9 @@ class ViT(nn.Module):
     x = x + pos.astype(self.dtype)[None]
     blocks = nn.scan(VitBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                      length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, name="blocks")(x, None)
+    x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, qk_norm=self.qk_norm,
+                  logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init,
+                  name="blocks")(x, None)
     return nn.LayerNorm(dtype=self.dtype, name="ln_final",
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)

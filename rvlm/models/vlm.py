@@ -9,6 +9,7 @@ image (image_mask = 0) get their image positions masked out of attention.
 positions, [R, B, T, d]; `logits` applies the one shared final norm + LM head to any of
 them, so a loss can read every depth without materialising R x B x T x V logits.
 """
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,21 @@ from rvlm.models.vit import ViT, Projector
 
 def _fail(field, value, why):
   raise ValueError(f"config.model.{field}={value!r}: {why}")
+
+
+def _check_attention_options(part, c):
+  """The attention-plateau options of `config.model.<part>` (decoder or vit)."""
+  if not isinstance(c.qk_norm, bool):  # a string 'False' would read as on
+    _fail(f"{part}.qk_norm", c.qk_norm, "must be a bool")
+  if c.logit_scale not in layers.LOGIT_SCALES:
+    _fail(f"{part}.logit_scale", c.logit_scale, f"unknown; choose one of {layers.LOGIT_SCALES}")
+  init = c.logit_scale_init
+  if isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < math.inf:
+    _fail(f"{part}.logit_scale_init", init, "must be a finite number > 0 (a multiplier on "
+          "the attention logits; <= 0 flattens or inverts attention)")
+  if c.logit_scale == "none" and init != 1.0:
+    _fail(f"{part}.logit_scale_init", init,
+          f"only used with {part}.logit_scale='learned' (it is {c.logit_scale!r})")
 
 
 def check_model_config(cfg: ml_collections.ConfigDict) -> None:
@@ -63,6 +79,8 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
                                   ("init", con.init, INITS)]:
       if value not in choices:
         _fail(f"connector.{field}", value, f"unknown; choose one of {choices}")
+  for part in ("decoder", "vit"):
+    _check_attention_options(part, cfg[part])
   if cfg.projector.kind not in ("linear", "mlp"):
     _fail("projector.kind", cfg.projector.kind, "unknown; choose 'linear' or 'mlp'")
   layers.remat_policy(cfg.remat_policy)
@@ -91,7 +109,9 @@ class VLM(nn.Module):
     stack_kwargs = dict(width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
                         num_kv_heads=dec.num_kv_heads, head_dim=dec.head_dim,
                         mlp_dim=dec.mlp_dim, rope_theta=dec.rope_theta, norm_eps=dec.norm_eps,
-                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, dtype=dtype)
+                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, dtype=dtype,
+                        qk_norm=dec.qk_norm, logit_scale=dec.logit_scale,
+                        logit_scale_init=dec.logit_scale_init)
     connector_kwargs = dict(con, num_image_tokens=num_image_tokens(cfg), norm_eps=dec.norm_eps,
                             dtype=dtype)
     self.recursion = Recursion(cfg.recursion.mode, cfg.recursion.num_steps, cfg.recursion.impl,
