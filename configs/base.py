@@ -74,6 +74,7 @@ def get_config(arg=None):
           hop_focus=0.0,         # share of train examples drawn at max_hops exactly
           chase_chains=3,        # chase: chains per scene (distractors of equal length)
           chase_colours=26,      # chase: palette size (rvlm/data/chase.py)
+          chase_decoys=0,        # chase: lone plain squares on no chain (shortcut guard)
           max_count=3,
           # (colour, shape) pairs absent from train/val/test; test_comp names them.
           heldout_pairs="red circle,green triangle,blue square,yellow circle",

@@ -30,7 +30,7 @@ def chase_config(**embedded_overrides):
   c.data.embedded.update(families="chase", max_hops=4, eval_max_hops=6, chase_chains=3)
   c.data.embedded.update(embedded_overrides)
   c.data.seq_len = 10
-  c.eval.update(splits=("val", "test"), num_examples=32)
+  c.eval.update(splits=("test",), num_examples=32)
   return c
 
 
@@ -258,3 +258,20 @@ def test_trainer_resume_across_level_changes_is_exact(tmp_path):
     assert full_log[s] == resumed_log[s]
   a, b = _final_params(c, full), _final_params(c, resumed)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+def test_decoys_are_lone_fixed_points_that_hide_which_square_is_an_end():
+  c = chase_config(max_hops=3, eval_max_hops=3, chase_colours=8, chase_chains=2,
+                   chase_decoys=4)
+  src = source(c)
+  for i in range(200):
+    rec = src[i]
+    (q, a), = rec["turns"]
+    answer, steps, nodes = solve_from_pixels(rec["image"], q, src.spec.grid)
+    assert (answer, steps) == (a, rec["hops"])
+    plain = [own for _, own, target in nodes if own == target]
+    chain_nodes = 2 * (rec["hops"] + 1)
+    assert len(plain) == 2 + min(4, 8 - chain_nodes)   # ends + decoys
+    assert len(nodes) == chain_nodes + len(plain) - 2
+    pointed = {target for _, own, target in nodes if own != target}
+    assert sum(p in pointed for p in plain) == 2         # only the two ends are reached

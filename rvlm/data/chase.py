@@ -28,6 +28,8 @@ answer is its end colour. So:
     then the start colour from the rest (chance 1/(K-1) given the question).
 
 C = min(chase_chains, K // (h + 1), G*G // (h + 1)), at least 2 (embedded.make_spec).
+Up to `chase_decoys` lone plain squares (fixed points on no chain) fill free colours:
+they look like ends, so the shortcut "answer some end's colour" drops to 1/(C + decoys).
 Scene rows use the embedded layout (colour, shape, size, row, col, direction) with
 shape = scenes.LINK, colour = the node's PALETTE index and direction = the PALETTE
 index of the node it points to.
@@ -100,7 +102,9 @@ def generate(rng, spec):
   answer = int(rng.integers(k))
   start = [c for c in range(k) if c != answer][rng.integers(k - 1)]
   others = rng.permutation([c for c in range(k) if c not in (answer, start)]).tolist()
-  cells = rng.permutation(spec.grid * spec.grid)[:chains * (hops + 1)].tolist()
+  nodes = chains * (hops + 1)
+  decoys = min(spec.chase_decoys, k - nodes, spec.grid * spec.grid - nodes)
+  cells = rng.permutation(spec.grid * spec.grid)[:nodes + decoys].tolist()
   rows = []
   for chain in range(chains):
     # Chain 0 is the named one: start and answer at its ends; the rest get fresh colours.
@@ -111,6 +115,12 @@ def generate(rng, spec):
       cell = cells.pop()
       target = colours[min(j + 1, hops)]             # the end points to itself
       rows.append([colour, scenes.LINK, 1, cell // spec.grid, cell % spec.grid, target])
+  # Decoys: lone fixed points (a plain square, like an end) on no chain. Without them
+  # "answer the colour of some plain square" scores 1/C, a shortcut that a small model
+  # settles on instead of learning the lookup; decoys cut it to 1/(C + decoys).
+  for colour in others[:decoys]:
+    cell = cells.pop()
+    rows.append([colour, scenes.LINK, 1, cell // spec.grid, cell % spec.grid, colour])
   # Rows in random order, so that no tool reading scene[0] mistakes it for the start.
   scene = np.array(rows, np.int32)[rng.permutation(len(rows))]
   return scene, QUESTION.format(NAMES[start]), NAMES[answer], hops

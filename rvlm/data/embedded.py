@@ -49,12 +49,14 @@ def make_spec(ecfg, image_size: int, patch_size: int, comp: bool,
   # Arrows need a distinct colour per hop; chase needs two chains of distinct colours.
   chase_colours = ecfg.get("chase_colours", len(chase.PALETTE))
   chase_chains = ecfg.get("chase_chains", 3)
+  chase_decoys = ecfg.get("chase_decoys", 0)
   hop_bound = cells
   if "pointer" in names:
     hop_bound = min(hop_bound, min(num_colours, cells) - 1)
   if "chase" in names:
     chase_colours = field_range("chase_colours", 4, len(chase.PALETTE))
     chase_chains = field_range("chase_chains", 2, len(chase.PALETTE) // 2)
+    chase_decoys = field_range("chase_decoys", 0, len(chase.PALETTE))
     hop_bound = min(hop_bound, chase.max_hops_for(grid, chase_colours))
     if patch_size < 4:
       raise ValueError(f"config.model.vit.patch_size={patch_size}: a chase node needs at "
@@ -106,7 +108,7 @@ def make_spec(ecfg, image_size: int, patch_size: int, comp: bool,
       min_objects=min_objects, max_objects=max_objects, max_hops=max_hops,
       max_count=max_count, allowed=np.ones_like(allowed) if comp else allowed,
       heldout=tuple(heldout), comp=comp, chase_chains=int(chase_chains),
-      chase_colours=int(chase_colours),
+      chase_colours=int(chase_colours), chase_decoys=int(chase_decoys),
       hop_focus=float(hop_focus) if split == "train" else 0.0)
 
 

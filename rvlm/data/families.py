@@ -64,6 +64,7 @@ class Spec:
   comp: bool            # test_comp: one named object carries a held-out pair
   chase_chains: int = 3  # chase: chains per scene (fewer when long ones do not fit)
   chase_colours: int = 26  # chase: palette size (chase.PALETTE)
+  chase_decoys: int = 0  # chase: lone plain squares on no chain (shortcut guard)
   hop_focus: float = 0.0  # pointer/chase: share of examples drawn at max_hops exactly
 
 
