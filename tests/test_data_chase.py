@@ -244,6 +244,7 @@ def test_trainer_resume_across_level_changes_is_exact(tmp_path):
   c = curriculum_config(threshold=0.0)
   c.train.update(total_steps=8, log_every=2, checkpoint_every=4, eval_every=1000,
                  keep_checkpoints=3)
+  c.eval.max_depth = 4                 # R = 2: depths 3 and 4 are extrapolation
   full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
   train.train_and_evaluate(c, full)
   shutil.copytree(full, resumed)
@@ -258,6 +259,25 @@ def test_trainer_resume_across_level_changes_is_exact(tmp_path):
     assert full_log[s] == resumed_log[s]
   a, b = _final_params(c, full), _final_params(c, resumed)
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+  with open(os.path.join(full, "results.json")) as f:
+    results = json.load(f)
+  assert set(results["accuracy_by_depth"]) == {"1", "2", "3", "4"}
+  assert set(results["flips_to_wrong_by_depth"]) == {"2", "3", "4"}
+  acc, flips = results["accuracy_by_depth"], results["flips_to_wrong_by_depth"]
+  for r in (2, 3, 4):   # a step loses at most what it flips to wrong
+    assert 0 <= flips[str(r)] <= acc[str(r - 1)] + 1e-9
+    assert acc[str(r)] >= acc[str(r - 1)] - flips[str(r)] - 1e-9
+  for h, by_depth in results["by_hops"].items():
+    assert 1 <= int(h) <= 6 and set(by_depth) == {"1", "2", "3", "4"}
+
+
+@pytest.mark.parametrize("mode,steps,max_depth", [("connector", 3, 2), ("none", 1, 3)])
+def test_eval_depth_below_r_or_beyond_a_standard_model_is_refused(mode, steps, max_depth):
+  c = debug.get_config()
+  c.model.recursion.update(mode=mode, num_steps=steps)
+  c.eval.max_depth = max_depth
+  with pytest.raises(ValueError, match="config.eval.max_depth"):
+    train.check_config(c)
 
 
 def test_decoys_are_lone_fixed_points_that_hide_which_square_is_an_end():
