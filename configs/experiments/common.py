@@ -2,8 +2,12 @@
 from configs import base
 
 
-def get_config(mode: str, arg=None):
-  c = base.get_config(arg)
+def apply_mode(c, mode: str):
+  """Sets `c`'s recursion mode and loss kind for an experiment mode, in place.
+
+  Separate from get_config so that studies starting from another task's config
+  (configs/experiments/depth.py on configs/chase.py) give each mode the same meaning.
+  """
   rec, loss = c.model.recursion, c.loss
   if mode == "standard":
     rec.mode, rec.num_steps = "none", 1
@@ -15,3 +19,7 @@ def get_config(mode: str, arg=None):
   else:
     raise ValueError(f"unknown experiment mode {mode!r}")
   return c
+
+
+def get_config(mode: str, arg=None):
+  return apply_mode(base.get_config(arg), mode)

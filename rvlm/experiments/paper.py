@@ -133,7 +133,10 @@ def run_study(out, *, variants, seeds, steps_n, preset="small", overrides=()):
   return summary
 
 
-def main(argv):
+def main(argv, *, study=None, tables=None, quick_steps=QUICK_STEPS, quick_eval=QUICK_EVAL):
+  """The study's command line; other studies (rvlm/experiments/depth.py) pass their own
+  `study` (run_study's signature), `tables` and --quick sizes."""
+  study, tables = study or run_study, tables or report.tables
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
@@ -141,31 +144,34 @@ def main(argv):
   steps_n, seeds = f.budget, f.seeds
   overrides = [report.parse_override(s) for s in f.set]
   if f.quick:
-    steps_n = steps_n if f["budget"].present else QUICK_STEPS
+    steps_n = steps_n if f["budget"].present else quick_steps
     seeds = seeds if f["seeds"].present else 1
-    overrides = [("eval.num_examples", QUICK_EVAL)] + overrides
+    overrides = [("eval.num_examples", quick_eval)] + overrides
   if steps_n < 1 or seeds < 1:
     raise app.UsageError("--budget and --seeds must be >= 1")
   if not jax.config.jax_compilation_cache_dir:
     # Seeds of a variant compile the same programs: compile each once per study.
     jax.config.update("jax_compilation_cache_dir", os.path.join(f.out, "jax_cache"))
-  summary = run_study(f.out, variants=f.variants, seeds=seeds, steps_n=steps_n,
-                      preset=f.preset, overrides=overrides)
+  summary = study(f.out, variants=f.variants, seeds=seeds, steps_n=steps_n,
+                  preset=f.preset, overrides=overrides)
   logging.info("study written to %s in %.0f s", f.out,
                summary["study"]["wall_time_s_this_invocation"])
-  print(report.tables(summary))
+  print(tables(summary))
 
 
-def define_flags():
+def define_flags(budget=paper_configs.STEPS, variants=tuple(paper_configs.VARIANTS),
+                 preset="small", quick_steps=QUICK_STEPS, quick_eval=QUICK_EVAL):
   """Command-line flags; defined only when run as a program, so that importing this
-  module (tests, notebooks) does not clash with other tools' flags."""
+  module (tests, notebooks) does not clash with other tools' flags. Other studies pass
+  their own defaults."""
   flags.DEFINE_string("out", None, "Output directory of the study.")
   flags.DEFINE_integer("seeds", 3, "Seeds per variant (0, 1, ..., seeds - 1).")
-  flags.DEFINE_integer("budget", paper_configs.STEPS,
+  flags.DEFINE_integer("budget", budget,
                        "N: training steps of the one-stage variants (the others scale it).")
-  flags.DEFINE_list("variants", list(paper_configs.VARIANTS), "Variants to run.")
-  flags.DEFINE_string("preset", "small", "Model preset (rvlm/models/presets.py).")
-  flags.DEFINE_bool("quick", False, "Smoke version: N = 30, 1 seed, 256 eval examples.")
+  flags.DEFINE_list("variants", list(variants), "Variants to run.")
+  flags.DEFINE_string("preset", preset, "Model preset (rvlm/models/presets.py).")
+  flags.DEFINE_bool("quick", False, f"Smoke version: N = {quick_steps}, 1 seed, "
+                    f"{quick_eval} eval examples.")
   flags.DEFINE_multi_string("set", [], "Extra config override for every run: field=value "
                             "(Python literal), e.g. --set=optim.lr=2e-3.")
 

@@ -67,6 +67,12 @@ def _by_depth(dicts):
   return {d: mean_std([x[d] for x in dicts]) for d in depths}
 
 
+def mean_std_by_depth(dicts):
+  """[{depth: value}, ...] (one per seed) -> {depth: mean_std}, as DEPTH_KEYS are
+  aggregated: for per-depth quantities other studies read (flips_to_wrong_by_depth)."""
+  return _by_depth(dicts)
+
+
 def _nested_by_depth(dicts):
   """{group: {depth: value}} per seed -> {group: {depth: mean_std}}; groups seen in
   every seed only (a family absent from one seed's sample has no mean over seeds)."""
