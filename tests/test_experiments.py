@@ -91,7 +91,7 @@ def test_flop_counter_multiplies_scans_and_counts_backward_and_remat():
 
 def test_model_flops_grow_linearly_with_depth():
   c = paper_configs.get_config("variant=rvlm,preset=tiny")
-  c.model.vocab_size, c.model.vit.image_size = 160, 32
+  c.model.vocab_size, c.model.vit.image_size = 128, 32
   costs = paper.model_costs(c)
   infer = costs["inference_flops_per_example_by_depth"]
   f = [infer[str(r)] for r in (1, 2, 3)]
