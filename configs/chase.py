@@ -19,8 +19,11 @@ def get_config(arg=None):
   m.connector.num_layers = 2
   m.connector.alpha_init = 0.1
   e = c.data.embedded
-  e.update(families="chase", max_hops=8, eval_max_hops=12, hop_focus=0.5, chase_chains=3)
-  c.data.curriculum.update(enabled=True, start=2, threshold=0.9, every=50, num_examples=128)
+  # Decoys (lone plain squares) hide which squares are chain ends: without them every
+  # calibration run settled on "answer some end's colour" (1/C) instead of the lookup.
+  e.update(families="chase", max_hops=8, eval_max_hops=12, hop_focus=0.5, chase_chains=3,
+           chase_decoys=8)
+  c.data.curriculum.update(enabled=True, start=1, threshold=0.9, every=50, num_examples=128)
   c.data.seq_len = 10                                  # bos + 6 words + answer + eos
   c.train.update(total_steps=1500, eval_every=500, checkpoint_every=500)
   c.eval.update(num_examples=1200, splits=("val", "test"), max_depth=8)

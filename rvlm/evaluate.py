@@ -25,9 +25,9 @@ def evaluate_split(eval_fn, params, batches, mesh, family_names):
   """Runs `eval_fn` (a jitted rvlm.steps.eval_step) over `batches` of one split.
 
   Returns {'accuracy_by_depth', 'by_family', 'by_hops', 'flips_to_wrong_by_depth',
-  'loss_by_depth',
-  'input_norm_by_depth', 'hidden_norm_by_depth', 'cka_with_e0_by_depth',
-  'num_examples', 'majority_baseline'}; depths are '1'..'R' strings (JSON keys).
+  'loss_by_depth', 'input_norm_by_depth', 'hidden_norm_by_depth',
+  'cka_with_e0_by_depth', 'num_examples', 'majority_baseline'}; depths are '1'..'R'
+  strings (JSON keys), R being the depth eval_fn runs (config.eval.max_depth).
   """
   exact, fams, hops = [], [], []
   sums = collections.defaultdict(float)

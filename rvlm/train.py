@@ -126,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                          jax.process_count())
       for split in config.eval.splits}
   family_names = data_lib.family_names(config)
-  curriculum = data_lib.curriculum.check_config(config) is not None
+  use_curriculum = data_lib.curriculum.check_config(config) is not None
 
   # ---- model and optimizer -------------------------------------------------------
   model = vlm.make_model(config.model)
@@ -214,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       step += 1
       acc = metrics_lib.merge_metrics(acc, step_metrics)
       progress(step)
-      if curriculum and train_iter.due(step):  # before any save: the level is data state
+      if use_curriculum and train_iter.due(step):  # before any save: the level is data state
         check_curriculum(step)
       save_now = (step % config.train.checkpoint_every == 0 or step == total_steps
                   or stop.received)

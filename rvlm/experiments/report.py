@@ -62,26 +62,21 @@ def mean_std(values):
           "values": v.tolist()}
 
 
-def _by_depth(dicts):
+def mean_std_by_depth(dicts):
+  """[{depth: value}, ...] (one per seed) -> {depth: mean_std}."""
   depths = sorted(dicts[0], key=int)
   return {d: mean_std([x[d] for x in dicts]) for d in depths}
-
-
-def mean_std_by_depth(dicts):
-  """[{depth: value}, ...] (one per seed) -> {depth: mean_std}, as DEPTH_KEYS are
-  aggregated: for per-depth quantities other studies read (flips_to_wrong_by_depth)."""
-  return _by_depth(dicts)
 
 
 def _nested_by_depth(dicts):
   """{group: {depth: value}} per seed -> {group: {depth: mean_std}}; groups seen in
   every seed only (a family absent from one seed's sample has no mean over seeds)."""
   groups = set(dicts[0]).intersection(*dicts[1:]) if len(dicts) > 1 else set(dicts[0])
-  return {g: _by_depth([x[g] for x in dicts]) for g in sorted(groups)}
+  return {g: mean_std_by_depth([x[g] for x in dicts]) for g in sorted(groups)}
 
 
 def aggregate_split(split_results):
-  out = {key: _by_depth([r[key] for r in split_results]) for key in DEPTH_KEYS}
+  out = {key: mean_std_by_depth([r[key] for r in split_results]) for key in DEPTH_KEYS}
   out["by_family"] = _nested_by_depth([r["by_family"] for r in split_results])
   out["by_hops"] = _nested_by_depth([r["by_hops"] for r in split_results])
   out["majority_baseline"] = mean_std([r["majority_baseline"] for r in split_results])
