@@ -23,3 +23,12 @@ def apply_mode(c, mode: str):
 
 def get_config(mode: str, arg=None):
   return apply_mode(base.get_config(arg), mode)
+
+
+def parse_variant_arg(arg, defaults, variants, where):
+  """A study config's 'key=value,...' argument, with `variant` checked against `variants`."""
+  args = base.parse_args(arg, defaults, where)
+  if args["variant"] not in variants:
+    raise ValueError(f"{where}: unknown variant {args['variant']!r}; known: "
+                     f"{sorted(variants)}")
+  return args

@@ -25,7 +25,6 @@ R x N), seed, preset (model preset under chase's overrides; default chase's own)
 """
 import dataclasses
 
-from configs import base
 from configs import chase
 from configs.experiments import common
 from configs.experiments.paper import set_field
@@ -64,12 +63,8 @@ VARIANTS = {
 
 
 def parse_arg(arg):
-  args = base.parse_args(arg, dict(variant="rvlm", steps=str(STEPS), seed="0", preset=""),
-                         "configs/experiments/depth.py")
-  if args["variant"] not in VARIANTS:
-    raise ValueError(f"configs/experiments/depth.py: unknown variant {args['variant']!r}; "
-                     f"known: {sorted(VARIANTS)}")
-  return args
+  return common.parse_variant_arg(arg, dict(variant="rvlm", steps=str(STEPS), seed="0", preset=""), VARIANTS,
+                                  "configs/experiments/depth.py")
 
 
 def get_config(arg=None):

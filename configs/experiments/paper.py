@@ -16,7 +16,6 @@ config.init_from to it; by hand, pass --config.init_from=<standard workdir>.
 """
 import dataclasses
 
-from configs import base
 from configs.experiments import common
 
 # N, chosen so that the full study (3 seeds) fits in 120 minutes on a 2-core CPU.
@@ -77,12 +76,8 @@ def set_field(config, field, value):
 
 
 def parse_arg(arg):
-  args = base.parse_args(arg, dict(variant="rvlm", steps=str(STEPS), preset="small"),
-                         "configs/experiments/paper.py")
-  if args["variant"] not in VARIANTS:
-    raise ValueError(f"configs/experiments/paper.py: unknown variant {args['variant']!r}; "
-                     f"known: {sorted(VARIANTS)}")
-  return args
+  return common.parse_variant_arg(arg, dict(variant="rvlm", steps=str(STEPS), preset="small"), VARIANTS,
+                                  "configs/experiments/paper.py")
 
 
 def get_config(arg=None):
