@@ -2,6 +2,8 @@
 
   python -m rvlm.experiments.symbolic_chase --model=rvlm --depth=1 --loops=4
   python -m rvlm.experiments.symbolic_chase --model=standard --depth=1
+  python -m rvlm.experiments.symbolic_chase --out=/tmp/chase.jsonl \
+      --models=standard,standard_deep,vanilla,rvlm,rvlm_base_none --seeds=0,1,2
 
 A minutes-per-run test-bed for recipes that make recursion steps carry state, before
 spending VLM runs on them (docs/depth.md, "Symbolic runs"). It keeps what makes
@@ -23,10 +25,15 @@ W zero-initialised, alpha learnable; Monotonic Recursion Loss) and `rvlm_base_no
 maximum h starts at 1 and rises when accuracy at it (final step, 256 fresh examples)
 reaches `threshold`, with `focus` of each batch at the maximum.
 
-Prints one JSON line: test accuracy for h = 1..12 (512 chains each) at every depth
-1..loops and at 2 x loops, h90 and the curriculum's level-up steps.
+One run prints one JSON line: test accuracy for h = 1..12 (512 chains each) at every
+depth 1..loops and at 2 x loops, h90 and the curriculum's level-up steps. With --out,
+every (model, seed) of --models x --seeds is run and appended to that JSONL file
+(rerunning skips the ones already there, so two processes with disjoint --models can
+share a file), then the table of all runs in the file is printed (mean and std over
+seeds at each model's trained depth).
 """
 import json
+import os
 import time
 
 from absl import app, flags
@@ -197,12 +204,29 @@ def train_and_evaluate(model_name="rvlm", depth=1, loops=4, width=64, cells=32, 
   while h90 + 1 in by_depth and by_depth[h90 + 1][-1] >= 0.9:
     h90 += 1
   alpha = params["params"]["alpha"]
-  return dict(model=model_name, depth=depth, loops=model.loops, steps=steps, seed=seed,
+  return dict(model=model_name, depth=depth, loops=loops, layers=model.depth,
+              trained_depth=model.loops, steps=steps, seed=seed,
               params=int(sum(x.size for x in jax.tree.leaves(params))),
               seconds=round(time.time() - t0), level_ups=level_ups, final_level=level,
               h90=h90, accuracy_by_hops_and_depth=by_depth, accuracy_at_2x_loops=at_2x or None,
               connector_alpha_mean_abs=(round(float(jnp.abs(alpha).mean()), 4)
                                         if model_name.startswith("rvlm") else None))
+
+
+def table(results, hops=range(1, 9)) -> str:
+  """Markdown: per (model, layers, R, steps), accuracy by h at the trained depth, mean (std) over seeds."""
+  groups = {}
+  for r in results:
+    groups.setdefault((r["model"], r["layers"], r["trained_depth"], r["steps"]), []).append(r)
+  head = "| model | layers | R | steps | seeds | h90 | " + " | ".join(f"h={h}" for h in hops) + " |"
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for (model, layers, trained_depth, steps), runs in sorted(groups.items()):
+    def cell(values):
+      return f"{np.mean(values):.2f} ({np.std(values, ddof=1) if len(values) > 1 else 0:.2f})"
+    accs = [cell([r["accuracy_by_hops_and_depth"][str(h)][-1] for r in runs]) for h in hops]
+    lines.append(f"| {model} | {layers} | {trained_depth} | {steps} | {len(runs)} | "
+                 f"{cell([r['h90'] for r in runs])} | " + " | ".join(accs) + " |")
+  return "\n".join(lines)
 
 
 FLAGS = flags.FLAGS
@@ -219,15 +243,40 @@ flags.DEFINE_float("lr", 1e-3, "Peak learning rate (AdamW, warmup + cosine).")
 flags.DEFINE_float("beta", 2.0, "Monotonic Recursion Loss beta.")
 flags.DEFINE_float("alpha_init", 0.1, "Connector residual scale at init.")
 flags.DEFINE_integer("seed", 0, "Seed for params and data.")
+flags.DEFINE_string("out", None, "JSONL file: run --models x --seeds into it, then print the table.")
+flags.DEFINE_list("models", None, "With --out: the models to run (default: --model).")
+flags.DEFINE_list("seeds", None, "With --out: the seeds to run (default: --seed).")
+
+
+def _run(model, seed):
+  return train_and_evaluate(
+      model, FLAGS.depth, FLAGS.loops, FLAGS.width, FLAGS.cells, FLAGS.chains,
+      FLAGS.max_hops, FLAGS.steps, FLAGS.batch, FLAGS.lr, FLAGS.beta, FLAGS.alpha_init,
+      seed=seed, log=lambda s: print(f"{model} seed {seed}: {s}", flush=True))
 
 
 def main(argv):
   del argv
-  result = train_and_evaluate(
-      FLAGS.model, FLAGS.depth, FLAGS.loops, FLAGS.width, FLAGS.cells, FLAGS.chains,
-      FLAGS.max_hops, FLAGS.steps, FLAGS.batch, FLAGS.lr, FLAGS.beta, FLAGS.alpha_init,
-      seed=FLAGS.seed, log=lambda s: print(s, flush=True))
-  print(json.dumps(result))
+  if FLAGS.out is None:
+    print(json.dumps(_run(FLAGS.model, FLAGS.seed)))
+    return
+  for model in FLAGS.models or [FLAGS.model]:
+    if model not in MODELS:
+      raise app.UsageError(f"--models: {model!r} is unknown; choose from {MODELS}")
+  def read():
+    if not os.path.exists(FLAGS.out):
+      return []
+    with open(FLAGS.out) as f:
+      return [json.loads(line) for line in f if line.strip()]
+  for model in FLAGS.models or [FLAGS.model]:
+    for seed in [int(s) for s in FLAGS.seeds or [FLAGS.seed]]:
+      key = (model, FLAGS.depth, FLAGS.loops, FLAGS.steps, seed)
+      if any((r["model"], r["depth"], r["loops"], r["steps"], r["seed"]) == key for r in read()):
+        continue
+      result = _run(model, seed)
+      with open(FLAGS.out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+  print(table(read()))
 
 
 if __name__ == "__main__":
