@@ -442,6 +442,7 @@ def test_attention_option_params_get_gradients():
     ("recursion.num_steps", 0, "recursion.num_steps"),
     ("decoder.num_heads", 3, "decoder.width"),
     ("vit.patch_size", 5, "vit.image_size"),
+    ("vit.depth", -1, "vit.depth"),
     ("recursion.mode", "looped", "recursion.mode"),
     ("recursion.impl", "while", "recursion.impl"),
     ("connector.fusion", "max", "connector.fusion"),
@@ -456,6 +457,21 @@ def test_bad_config_raises_naming_the_field(field, value, match):
   node[leaf] = value
   with pytest.raises(ValueError, match=match):
     vlm.make_model(cfg)
+
+
+def test_vit_depth_zero_is_a_per_patch_encoder():
+  from rvlm.models.vit import ViT
+  vit = ViT(image_size=16, patch_size=8, width=8, depth=0, num_heads=2, mlp_dim=16)
+  images = jax.random.uniform(jax.random.PRNGKey(0), (1, 16, 16, 3))
+  params = vit.init(jax.random.PRNGKey(1), images)
+  assert "blocks" not in params["params"]
+  changed = images.at[:, :8, :8].set(0.0)        # the first patch only
+  diff = jnp.abs(vit.apply(params, images) - vit.apply(params, changed)).max(-1)[0]
+  assert diff[0] > 0 and jnp.all(diff[1:] == 0)    # no patch sees another
+  cfg = tiny("connector", 2)
+  cfg.vit.depth = 0
+  model = vlm.make_model(cfg)                     # the whole VLM builds with it
+  assert model is not None
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -61,11 +61,14 @@ class ViT(nn.Module):
                      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vit_pos", "vit_embed")),
                      (x.shape[1], self.width), jnp.float32)
     x = x + pos.astype(self.dtype)[None]
-    blocks = nn.scan(VitBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, qk_norm=self.qk_norm,
-                  logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init,
-                  name="blocks")(x, None)
+    # depth 0 is a per-patch encoder: no patch sees another, so every relation between
+    # patches has to be found by the decoder (configs/chase.py uses this).
+    if self.depth:
+      blocks = nn.scan(VitBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, qk_norm=self.qk_norm,
+                    logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init,
+                    name="blocks")(x, None)
     return nn.LayerNorm(dtype=self.dtype, name="ln_final",
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)

@@ -48,10 +48,12 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
                        ("decoder.width", dec.width), ("decoder.num_heads", dec.num_heads),
                        ("decoder.num_kv_heads", dec.num_kv_heads), ("decoder.head_dim", dec.head_dim),
                        ("decoder.mlp_dim", dec.mlp_dim), ("vit.width", vit.width),
-                       ("vit.depth", vit.depth), ("vit.num_heads", vit.num_heads),
+                       ("vit.num_heads", vit.num_heads),
                        ("vit.patch_size", vit.patch_size), ("vit.image_size", vit.image_size)]:
     if int(value) < 1:
       _fail(field, value, "must be >= 1")
+  if int(vit.depth) < 0:
+    _fail("vit.depth", vit.depth, "must be >= 0 (0: a per-patch encoder, no ViT blocks)")
   if dec.width % dec.num_heads:
     _fail("decoder.width", dec.width, f"not divisible by decoder.num_heads={dec.num_heads}")
   if dec.num_heads % dec.num_kv_heads:
