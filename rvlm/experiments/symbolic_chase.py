@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rvlm import losses
+
 MODELS = ("standard", "standard_deep", "vanilla", "rvlm", "rvlm_base_none")
 MAX_TEST_HOPS = 12
 
@@ -143,16 +145,6 @@ def build_model(name: str, n: int, width: int, depth: int, loops: int, alpha_ini
   return ChaseModel(n, width, depth, loops, transition, alpha_init)
 
 
-def monotonic_loss(logits, answer, beta: float, final_only: bool):
-  """The Monotonic Recursion Loss over steps (rvlm/losses.py), or the final step's CE."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, answer[None])   # [R, B]
-  if final_only:
-    return ce[-1].mean()
-  sg = jax.lax.stop_gradient(ce)
-  rose = jnp.concatenate([jnp.zeros_like(sg[:1], bool), sg[1:] > sg[:-1]], 0)
-  return (jnp.where(rose, beta, 1.0) * ce).mean(1).sum()
-
-
 def train_and_evaluate(model_name="rvlm", depth=1, loops=4, width=64, cells=32, chains=3,
                        max_hops=8, steps=2000, batch=64, lr=1e-3, beta=2.0, alpha_init=0.1,
                        threshold=0.9, every=100, focus=0.5, seed=0, test_examples=512,
@@ -166,10 +158,16 @@ def train_and_evaluate(model_name="rvlm", depth=1, loops=4, width=64, cells=32, 
   opt_state = tx.init(params)
   final_only = model_name == "vanilla"
 
+  def loss_fn(p, ex):
+    # rvlm's own loss: the Monotonic Recursion Loss over steps (vanilla: final step only)
+    token_losses, _ = losses.token_cross_entropy(model.apply(p, ex), ex["answer"][None])
+    total, _ = losses.recursion_loss(token_losses, jnp.ones_like(ex["answer"]), beta=beta,
+                                     kind="final_only" if final_only else "monotonic")
+    return total
+
   @jax.jit
   def train_step(params, opt_state, ex):
-    loss, grads = jax.value_and_grad(
-        lambda p: monotonic_loss(model.apply(p, ex), ex["answer"], beta, final_only))(params)
+    loss, grads = jax.value_and_grad(loss_fn)(params, ex)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
