@@ -7,7 +7,8 @@ from flax import traverse_util
 from rvlm import losses
 from rvlm.models import vlm
 
-CONFIGS = ["configs.base", "configs.debug", "configs.multihop", "configs.llava_format", "configs.experiments.standard",
+CONFIGS = ["configs.base", "configs.debug", "configs.multihop", "configs.llava_format", "configs.chase",
+           "configs.chase_small", "configs.experiments.standard",
            "configs.experiments.vanilla", "configs.experiments.rvlm", "configs.experiments.paper"]
 
 
