@@ -62,7 +62,7 @@ class ViT(nn.Module):
                      (x.shape[1], self.width), jnp.float32)
     x = x + pos.astype(self.dtype)[None]
     # depth 0 is a per-patch encoder: no patch sees another, so every relation between
-    # patches has to be found by the decoder (configs/chase.py uses this).
+    # patches has to be found by the decoder (configs/chase_small.py uses this).
     if self.depth:
       blocks = nn.scan(VitBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                        length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
