@@ -55,28 +55,25 @@ def test_a_short_run_learns_the_one_hop_lookup():
   assert r["accuracy_at_2x_loops"] is None and r["connector_alpha_mean_abs"] is None
 
 
-def test_study_file_resumes_and_tables(tmp_path, monkeypatch):
-  from absl import flags
+def test_study_file_resumes_and_tables(tmp_path):
   calls = []
 
-  def fake(model, depth, loops, width, cells, chains, max_hops, steps, batch, lr, beta,
-           alpha_init, seed, log):
+  def fake(model, seed):
     calls.append((model, seed))
-    acc = {h: [0.5] * (1 if model == "standard" else loops) for h in range(1, 13)}
-    return dict(model=model, depth=depth, loops=loops, layers=depth, steps=steps, seed=seed,
-                trained_depth=1 if model == "standard" else loops, h90=seed,
-                accuracy_by_hops_and_depth=acc)
+    loops = 1 if model == "standard" else 4
+    acc = {h: [0.5] * loops for h in range(1, 13)}
+    return dict(model=model, depth=1, loops=4, layers=1, steps=2000, seed=seed,
+                trained_depth=loops, h90=seed, accuracy_by_hops_and_depth=acc)
 
-  monkeypatch.setattr(sc, "train_and_evaluate", fake)
-  out = tmp_path / "s.jsonl"
-  flags.FLAGS(["prog", f"--out={out}", "--models=standard,rvlm", "--seeds=0,1"])
-  try:
-    sc.main([])
-    assert sorted(calls) == [("rvlm", 0), ("rvlm", 1), ("standard", 0), ("standard", 1)]
-    sc.main([])                                   # everything is in the file: nothing reruns
-    assert len(calls) == 4
-  finally:
-    flags.FLAGS.unparse_flags()
-  text = sc.table([__import__("json").loads(l) for l in out.read_text().splitlines()])
+  out = str(tmp_path / "s.jsonl")
+  setting = dict(depth=1, loops=4, steps=2000)
+  sc.run_study(out, ["standard", "rvlm"], [0, 1], setting, fake)
+  assert sorted(calls) == [("rvlm", 0), ("rvlm", 1), ("standard", 0), ("standard", 1)]
+  text = sc.run_study(out, ["standard", "rvlm"], [0, 1], setting, fake)
+  assert len(calls) == 4                        # everything is in the file: nothing reruns
+  sc.run_study(out, ["rvlm"], [0], dict(setting, steps=4000), fake)
+  assert len(calls) == 5                        # another setting is another run
   assert "| standard | 1 | 1 | 2000 | 2 | 0.50 (0.71) | 0.50 (0.00)" in text
   assert "| rvlm | 1 | 4 | 2000 | 2 |" in text
+  with pytest.raises(ValueError, match="unknown"):
+    sc.run_study(out, ["looped"], [0], setting, fake)

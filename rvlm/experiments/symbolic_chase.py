@@ -227,55 +227,71 @@ def table(results, hops=range(1, 9)) -> str:
   return "\n".join(lines)
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", "rvlm", MODELS, "Which model (see the module docstring).")
-flags.DEFINE_integer("depth", 1, "D: layers in the shared block.")
-flags.DEFINE_integer("loops", 4, "R: recursion steps (standard_deep: D x R layers).")
-flags.DEFINE_integer("width", 64, "Model width.")
-flags.DEFINE_integer("cells", 32, "N: cells (tokens) per example.")
-flags.DEFINE_integer("chains", 3, "Chains of exactly h hops per example (as many as fit).")
-flags.DEFINE_integer("max_hops", 8, "The curriculum's top level.")
-flags.DEFINE_integer("steps", 2000, "Training steps.")
-flags.DEFINE_integer("batch", 64, "Batch size.")
-flags.DEFINE_float("lr", 1e-3, "Peak learning rate (AdamW, warmup + cosine).")
-flags.DEFINE_float("beta", 2.0, "Monotonic Recursion Loss beta.")
-flags.DEFINE_float("alpha_init", 0.1, "Connector residual scale at init.")
-flags.DEFINE_integer("seed", 0, "Seed for params and data.")
-flags.DEFINE_string("out", None, "JSONL file: run --models x --seeds into it, then print the table.")
-flags.DEFINE_list("models", None, "With --out: the models to run (default: --model).")
-flags.DEFINE_list("seeds", None, "With --out: the seeds to run (default: --seed).")
+def run_study(out: str, models, seeds, setting: dict, run) -> str:
+  """Runs every (model, seed) not yet in the JSONL file `out` for this `setting` (the
+  result fields depth, loops, steps) with run(model, seed), appending each result;
+  returns the table of all runs in the file."""
+  for model in models:
+    if model not in MODELS:
+      raise ValueError(f"model {model!r} is unknown; choose from {MODELS}")
+
+  def read():
+    if not os.path.exists(out):
+      return []
+    with open(out) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  for model in models:
+    for seed in seeds:
+      if any(r["model"] == model and r["seed"] == seed and
+             all(r[k] == v for k, v in setting.items()) for r in read()):
+        continue
+      with open(out, "a") as f:
+        f.write(json.dumps(run(model, seed)) + "\n")
+  return table(read())
 
 
-def _run(model, seed):
-  return train_and_evaluate(
-      model, FLAGS.depth, FLAGS.loops, FLAGS.width, FLAGS.cells, FLAGS.chains,
-      FLAGS.max_hops, FLAGS.steps, FLAGS.batch, FLAGS.lr, FLAGS.beta, FLAGS.alpha_init,
-      seed=seed, log=lambda s: print(f"{model} seed {seed}: {s}", flush=True))
+def define_flags():
+  """Flags for the command line only: defined under __main__, so that importing this
+  module (tests, tools) never collides with other rvlm entry points' flags."""
+  flags.DEFINE_enum("model", "rvlm", MODELS, "Which model (see the module docstring).")
+  flags.DEFINE_integer("depth", 1, "D: layers in the shared block.")
+  flags.DEFINE_integer("loops", 4, "R: recursion steps (standard_deep: D x R layers).")
+  flags.DEFINE_integer("width", 64, "Model width.")
+  flags.DEFINE_integer("cells", 32, "N: cells (tokens) per example.")
+  flags.DEFINE_integer("chains", 3, "Chains of exactly h hops per example (as many as fit).")
+  flags.DEFINE_integer("max_hops", 8, "The curriculum's top level.")
+  flags.DEFINE_integer("steps", 2000, "Training steps.")
+  flags.DEFINE_integer("batch", 64, "Batch size.")
+  flags.DEFINE_float("lr", 1e-3, "Peak learning rate (AdamW, warmup + cosine).")
+  flags.DEFINE_float("beta", 2.0, "Monotonic Recursion Loss beta.")
+  flags.DEFINE_float("alpha_init", 0.1, "Connector residual scale at init.")
+  flags.DEFINE_integer("seed", 0, "Seed for params and data.")
+  flags.DEFINE_string("out", None, "JSONL file: run --models x --seeds into it, then print the table.")
+  flags.DEFINE_list("models", None, "With --out: the models to run (default: --model).")
+  flags.DEFINE_list("seeds", None, "With --out: the seeds to run (default: --seed).")
 
 
 def main(argv):
   del argv
-  if FLAGS.out is None:
-    print(json.dumps(_run(FLAGS.model, FLAGS.seed)))
+  f = flags.FLAGS
+
+  def run(model, seed):
+    return train_and_evaluate(
+        model, f.depth, f.loops, f.width, f.cells, f.chains, f.max_hops, f.steps, f.batch,
+        f.lr, f.beta, f.alpha_init, seed=seed,
+        log=lambda s: print(f"{model} seed {seed}: {s}", flush=True))
+
+  if f.out is None:
+    print(json.dumps(run(f.model, f.seed)))
     return
-  for model in FLAGS.models or [FLAGS.model]:
-    if model not in MODELS:
-      raise app.UsageError(f"--models: {model!r} is unknown; choose from {MODELS}")
-  def read():
-    if not os.path.exists(FLAGS.out):
-      return []
-    with open(FLAGS.out) as f:
-      return [json.loads(line) for line in f if line.strip()]
-  for model in FLAGS.models or [FLAGS.model]:
-    for seed in [int(s) for s in FLAGS.seeds or [FLAGS.seed]]:
-      key = (model, FLAGS.depth, FLAGS.loops, FLAGS.steps, seed)
-      if any((r["model"], r["depth"], r["loops"], r["steps"], r["seed"]) == key for r in read()):
-        continue
-      result = _run(model, seed)
-      with open(FLAGS.out, "a") as f:
-        f.write(json.dumps(result) + "\n")
-  print(table(read()))
+  try:
+    print(run_study(f.out, f.models or [f.model], [int(s) for s in f.seeds or [f.seed]],
+                    dict(depth=f.depth, loops=f.loops, steps=f.steps), run))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
