@@ -107,7 +107,7 @@ class ChaseModel(nn.Module):
   width: int
   depth: int
   loops: int
-  transition: str          # vanilla | connector | connector_no_base
+  transition: str          # none (standard) | vanilla | connector | connector_no_base
   alpha_init: float = 0.1
 
   @nn.compact
@@ -117,9 +117,11 @@ class ChaseModel(nn.Module):
     e0 = jnp.concatenate([cells, embed("start")(ex["start"])[:, None]], 1)
     blocks = [Block(self.width, name=f"block_{i}") for i in range(self.depth)]
     norm, head = nn.LayerNorm(name="final_norm"), nn.Dense(self.n, name="head")
-    project = nn.Dense(self.width, kernel_init=nn.initializers.zeros, name="connector")
-    project_norm = nn.LayerNorm(name="connector_norm")
-    alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (self.width,))
+    uses_connector = self.transition.startswith("connector")
+    if uses_connector:  # only the connector models own its params
+      project = nn.Dense(self.width, kernel_init=nn.initializers.zeros, name="connector")
+      project_norm = nn.LayerNorm(name="connector_norm")
+      alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), (self.width,))
     x, logits = e0, []
     for _ in range(loops or self.loops):
       h = x
@@ -128,7 +130,7 @@ class ChaseModel(nn.Module):
       logits.append(head(norm(h[:, -1])))
       if self.transition == "vanilla":
         x = h
-      else:
+      elif uses_connector:
         fed_back = alpha * project(project_norm(h))
         x = fed_back if self.transition == "connector_no_base" else e0 + fed_back
     return jnp.stack(logits)
@@ -139,7 +141,7 @@ def build_model(name: str, n: int, width: int, depth: int, loops: int, alpha_ini
     raise ValueError(f"--model={name!r} is unknown; choose one of {MODELS}")
   if name.startswith("standard"):
     return ChaseModel(n, width, depth * (loops if name == "standard_deep" else 1), 1,
-                      "connector", alpha_init)
+                      "none", alpha_init)
   transition = {"vanilla": "vanilla", "rvlm": "connector",
                 "rvlm_base_none": "connector_no_base"}[name]
   return ChaseModel(n, width, depth, loops, transition, alpha_init)
@@ -201,14 +203,14 @@ def train_and_evaluate(model_name="rvlm", depth=1, loops=4, width=64, cells=32, 
   h90 = 0
   while h90 + 1 in by_depth and by_depth[h90 + 1][-1] >= 0.9:
     h90 += 1
-  alpha = params["params"]["alpha"]
+  uses_connector = model.transition.startswith("connector")
   return dict(model=model_name, depth=depth, loops=loops, layers=model.depth,
               trained_depth=model.loops, steps=steps, seed=seed,
               params=int(sum(x.size for x in jax.tree.leaves(params))),
               seconds=round(time.time() - t0), level_ups=level_ups, final_level=level,
               h90=h90, accuracy_by_hops_and_depth=by_depth, accuracy_at_2x_loops=at_2x or None,
-              connector_alpha_mean_abs=(round(float(jnp.abs(alpha).mean()), 4)
-                                        if model_name.startswith("rvlm") else None))
+              connector_alpha_mean_abs=(round(float(jnp.abs(params["params"]["alpha"]).mean()), 4)
+                                        if uses_connector else None))
 
 
 def table(results, hops=range(1, 9)) -> str:
