@@ -20,3 +20,19 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+  """A workdir holding a checkpoint of configs/debug.py after 10 steps (a few seconds):
+  for the inference entry points (rvlm.predict, rvlm.evaluate), which load a workdir."""
+  from configs import debug  # pylint: disable=g-import-not-at-top
+  from rvlm import train  # pylint: disable=g-import-not-at-top
+  c = debug.get_config()
+  c.train.update(total_steps=10, log_every=5, eval_every=10, checkpoint_every=10)
+  c.eval.update(num_examples=32)
+  workdir = str(tmp_path_factory.mktemp("trained_debug"))
+  train.train_and_evaluate(c, workdir)
+  return workdir
