@@ -48,8 +48,12 @@ class Connector(nn.Module):
     return y.reshape(k, b, n, -1)
 
   @nn.compact
-  def __call__(self, sampled, e0, e_prev):
-    """sampled: [k, B, N, d] outputs of the sampled layers; e0, e_prev: [B, N, d]."""
+  def __call__(self, sampled, e0, e_prev, num_image_tokens=None):
+    """sampled: [k, B, N, d] outputs of the sampled layers; e0, e_prev: [B, N, d].
+
+    `num_image_tokens` overrides how many leading positions are image tokens: a
+    decoded chunk of text tokens (rvlm/decode.py) passes 0.
+    """
     k, _, _, d = sampled.shape
     num_mod = 2 if self.modality_specific else 1
     scale = self.param("norm_scale", nn.with_logical_partitioning(
@@ -67,9 +71,10 @@ class Connector(nn.Module):
                  self._kernel("proj_out", (k, num_mod, d, d), out_init))
 
     if self.modality_specific:
-      nv = self.num_image_tokens
-      projected = jnp.concatenate([self._project(normed[:, :, :nv], kernels, 0),
-                                   self._project(normed[:, :, nv:], kernels, 1)], axis=2)
+      nv = self.num_image_tokens if num_image_tokens is None else num_image_tokens
+      parts = [(normed[:, :, :nv], 0), (normed[:, :, nv:], 1)]
+      projected = jnp.concatenate([self._project(x, kernels, m) for x, m in parts
+                                   if x.shape[2]], axis=2)
     else:
       projected = self._project(normed, kernels, 0)
 

@@ -34,16 +34,21 @@ class DecoderLayer(nn.Module):
   logit_scale_init: float = 1.0
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
+    """Returns x, or (x, updated kv_cache) when given a cache (see layers.Attention)."""
     h = layers.RMSNorm(self.norm_eps, name="attn_norm")(x)
-    x = x + layers.Attention(self.num_heads, self.num_kv_heads, self.head_dim,
-                             self.rope_theta, self.dtype, qk_norm=self.qk_norm,
-                             logit_scale=self.logit_scale,
-                             logit_scale_init=self.logit_scale_init,
-                             norm_eps=self.norm_eps, name="attn")(h, mask, positions)
+    attn = layers.Attention(self.num_heads, self.num_kv_heads, self.head_dim,
+                            self.rope_theta, self.dtype, qk_norm=self.qk_norm,
+                            logit_scale=self.logit_scale,
+                            logit_scale_init=self.logit_scale_init,
+                            norm_eps=self.norm_eps, name="attn")(h, mask, positions,
+                                                                 kv_cache, cache_index)
+    if kv_cache is not None:
+      attn, kv_cache = attn
+    x = x + attn
     h = layers.RMSNorm(self.norm_eps, name="mlp_norm")(x)
-    x = x + layers.SwiGLU(self.mlp_dim, self.dtype, name="mlp")(h)
-    return layers.constrain(x)
+    x = layers.constrain(x + layers.SwiGLU(self.mlp_dim, self.dtype, name="mlp")(h))
+    return x if kv_cache is None else (x, kv_cache)
 
 
 class _ScanBody(nn.Module):
@@ -52,17 +57,19 @@ class _ScanBody(nn.Module):
   remat_policy: str
 
   @nn.compact
-  def __call__(self, carry, slot, mask, positions):
+  def __call__(self, carry, slot, mask, positions, kv_cache, cache_index):
     x, buf = carry
     layer_cls = DecoderLayer
     policy = layers.remat_policy(self.remat_policy)
     if policy is not None:
       layer_cls = nn.remat(DecoderLayer, policy=policy, prevent_cse=False)
-    x = layer_cls(**self.layer_kwargs, name="layer")(x, mask, positions)
+    x = layer_cls(**self.layer_kwargs, name="layer")(x, mask, positions, kv_cache, cache_index)
+    if kv_cache is not None:
+      x, kv_cache = x
     if buf is not None:
       idx = jnp.maximum(slot, 0)
       buf = buf.at[idx].set(jnp.where(slot >= 0, x, buf[idx]))
-    return (x, buf), None
+    return (x, buf), kv_cache
 
 
 class DecoderStack(nn.Module):
@@ -87,8 +94,14 @@ class DecoderStack(nn.Module):
   logit_scale_init: float = 1.0
 
   @nn.compact
-  def __call__(self, x, mask, positions):
-    """Returns (final output [B, N, d], sampled outputs [k, B, N, d] or None)."""
+  def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
+    """Returns (final output [B, N, d], sampled outputs [k, B, N, d] or None).
+
+    With `kv_cache` = (k, v), each [L, B, S, K, D] (one cache per layer, for decoding:
+    rvlm/decode.py), x's keys and values go to slots cache_index.. of every layer's
+    cache, x attends over the cache under `mask` [B, 1, N, S], and the updated cache
+    is returned as a third output.
+    """
     slots = np.full((self.depth,), -1, np.int32)
     if self.num_sampled:
       for s, layer in enumerate(sampled_layers(self.depth, self.num_sampled)):
@@ -99,9 +112,9 @@ class DecoderStack(nn.Module):
                         norm_eps=self.norm_eps, dtype=self.dtype, qk_norm=self.qk_norm,
                         logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init)
     body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast), length=self.depth,
+                   in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.depth,
                    unroll=1 if self.scan else self.depth,
                    metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, buf), _ = body(layer_kwargs, self.remat_policy, name="layers")((x, buf), jnp.asarray(slots),
-                                                                       mask, positions)
-    return x, buf
+    (x, buf), kv_cache_out = body(layer_kwargs, self.remat_policy, name="layers")(
+        (x, buf), jnp.asarray(slots), mask, positions, kv_cache, cache_index)
+    return (x, buf) if kv_cache is None else (x, buf, kv_cache_out)

@@ -180,7 +180,14 @@ class Attention(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, mask, positions):
+  def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
+    """x: [B, T, d]; mask: [B, 1, T, S]; positions: [B, T].
+
+    Without a cache, S = T (self-attention over x) and the output is returned. With
+    `kv_cache` = (k, v), each [B, S, K, D], the keys and values of x are written at
+    slots cache_index .. cache_index + T - 1 and x attends over all S slots (the
+    mask says which hold real, visible tokens); returns (output, updated cache).
+    """
     d = x.shape[-1]
     proj = lambda n, h, axes: Dense((h, self.head_dim), axes, dtype=self.dtype, name=n)  # noqa: E731
     q = proj("q", self.num_heads, ("embed", "heads", "head_dim"))(x)
@@ -190,6 +197,11 @@ class Attention(nn.Module):
       q, k = _norm_qk(self, q, k, self.norm_eps)
     q = rope(q, positions, self.rope_theta)
     k = rope(k, positions, self.rope_theta)
+    if kv_cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                              cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                              cache_index, axis=1)
     b, t = x.shape[:2]
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
@@ -197,7 +209,8 @@ class Attention(nn.Module):
     out = _masked_softmax_attention(q, k, v, mask, self.dtype, scale)
     out = out.reshape(b, t, self.num_heads, self.head_dim)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
-    return Dense((d,), ("heads", "head_dim", "embed"), num_in=2, dtype=self.dtype, name="o")(out)
+    out = Dense((d,), ("heads", "head_dim", "embed"), num_in=2, dtype=self.dtype, name="o")(out)
+    return out if kv_cache is None else (out, (k, v))
 
 
 class SwiGLU(nn.Module):

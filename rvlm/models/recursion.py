@@ -28,17 +28,28 @@ class RecursionStep(nn.Module):
   connector_kwargs: dict
 
   @nn.compact
-  def __call__(self, e_prev, e0, mask, positions):
+  def __call__(self, e_prev, e0, mask, positions, kv_cache=None, cache_index=None,
+               num_image_tokens=None):
+    """Returns (next input, (final-layer output, this step's input)).
+
+    For decoding (rvlm/decode.py), `kv_cache` is this step's per-layer cache (see
+    DecoderStack), `num_image_tokens` how many leading positions of e_prev are image
+    tokens (the connector's modality split), and the updated cache is a third output.
+    """
     num_sampled = self.connector_kwargs["num_layers"] if self.mode == "connector" else 0
-    h, sampled = DecoderStack(**self.stack_kwargs, num_sampled=num_sampled, name="stack")(
-        e_prev, mask, positions)
+    out = DecoderStack(**self.stack_kwargs, num_sampled=num_sampled, name="stack")(
+        e_prev, mask, positions, kv_cache, cache_index)
+    h, sampled = out[:2]
     if self.mode == "connector":
-      e_next = Connector(**self.connector_kwargs, name="connector")(sampled, e0, e_prev)
+      e_next = Connector(**self.connector_kwargs, name="connector")(sampled, e0, e_prev,
+                                                                  num_image_tokens)
     else:  # vanilla (and none, whose single step never uses it)
       e_next = h
     # Outputs per step: the final-layer output (read by the shared head) and this
     # step's input (for diagnostics: norms, CKA with E_0).
-    return e_next, (h, e_prev)
+    if kv_cache is None:
+      return e_next, (h, e_prev)
+    return e_next, (h, e_prev), out[2]
 
 
 class Recursion(nn.Module):

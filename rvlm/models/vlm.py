@@ -95,6 +95,22 @@ def num_image_tokens(cfg) -> int:
   return (cfg.vit.image_size // cfg.vit.patch_size) ** 2
 
 
+def step_kwargs(cfg):
+  """{'stack_kwargs', 'connector_kwargs'} of the recursion step (RecursionStep) that
+  `cfg` builds; rvlm/decode.py applies the same step to its cached chunks."""
+  dec, con = cfg.decoder, cfg.connector
+  dtype = jnp.dtype(cfg.dtype)
+  stack_kwargs = dict(width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
+                      num_kv_heads=dec.num_kv_heads, head_dim=dec.head_dim,
+                      mlp_dim=dec.mlp_dim, rope_theta=dec.rope_theta, norm_eps=dec.norm_eps,
+                      scan=cfg.scan_layers, remat_policy=cfg.remat_policy, dtype=dtype,
+                      qk_norm=dec.qk_norm, logit_scale=dec.logit_scale,
+                      logit_scale_init=dec.logit_scale_init)
+  connector_kwargs = dict(con, num_image_tokens=num_image_tokens(cfg), norm_eps=dec.norm_eps,
+                          dtype=dtype)
+  return dict(stack_kwargs=stack_kwargs, connector_kwargs=connector_kwargs)
+
+
 class VLM(nn.Module):
   """Built from a `config.model` (see rvlm/models/presets.py); use `make_model`."""
   cfg: Any  # a FrozenConfigDict
@@ -102,25 +118,21 @@ class VLM(nn.Module):
   def setup(self):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
-    dec, con = cfg.decoder, cfg.connector
+    dec = cfg.decoder
     self.vit = ViT(**dict(cfg.vit), dtype=dtype)
     self.projector = Projector(cfg.projector.kind, dec.width, dtype)
     self.embed = nn.Embed(cfg.vocab_size, dec.width, dtype=dtype, name="embed",
                           embedding_init=nn.with_logical_partitioning(
                               nn.initializers.normal(0.02), ("vocab", "embed")))
-    stack_kwargs = dict(width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
-                        num_kv_heads=dec.num_kv_heads, head_dim=dec.head_dim,
-                        mlp_dim=dec.mlp_dim, rope_theta=dec.rope_theta, norm_eps=dec.norm_eps,
-                        scan=cfg.scan_layers, remat_policy=cfg.remat_policy, dtype=dtype,
-                        qk_norm=dec.qk_norm, logit_scale=dec.logit_scale,
-                        logit_scale_init=dec.logit_scale_init)
-    connector_kwargs = dict(con, num_image_tokens=num_image_tokens(cfg), norm_eps=dec.norm_eps,
-                            dtype=dtype)
     self.recursion = Recursion(cfg.recursion.mode, cfg.recursion.num_steps, cfg.recursion.impl,
-                               stack_kwargs, connector_kwargs)
+                               **step_kwargs(cfg))
     self.final_norm = layers.RMSNorm(dec.norm_eps)
     if not cfg.tie_embeddings:
       self.lm_head = layers.Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=dtype)
+
+  def embed_text(self, tokens):
+    """Step-1 input of text tokens alone [B, T, d] (decoding extends the text)."""
+    return self.embed(tokens)
 
   def embed_inputs(self, batch):
     """Step-1 input E_0 [B, N, d] and the full-sequence input_mask / mask_ar."""

@@ -1,0 +1,190 @@
+"""rvlm/decode.py: cached decoding against full recomputation, depth, adaptive exit,
+sampling, eos, bf16 and sharded params.
+
+The reference is `decode.recompute_logits`: the model's ordinary forward pass (the one
+the trainer uses) over prompt + answer, without a cache. Tolerances: float32 logits
+within 1e-4 absolute (measured about 3e-7); bfloat16 within 0.1 (its 8-bit mantissa).
+"""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import debug
+from rvlm import decode
+from rvlm import sharding as sharding_lib
+from rvlm import train
+from rvlm.models import vlm
+
+F32_TOL = 1e-4
+
+
+def make(mode="connector", steps=3, dtype="float32", seed=0):
+  c = debug.get_config()
+  c.model.recursion.update(mode=mode, num_steps=steps)
+  c.model.dtype = dtype
+  # A random (not zero) connector projection, so that every step changes the answer.
+  c.model.connector.update(init="normal", alpha_init=1.0)
+  model = vlm.make_model(c.model)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), train.dummy_batch(c, 1))["params"])
+  return c, model, params
+
+
+def ragged_batch(c, lens=(3, 6, 2), seed=0, with_image=(1, 1, 0)):
+  rng = np.random.default_rng(seed)
+  b, t, s = len(lens), max(lens), c.model.vit.image_size
+  tokens = np.zeros((b, t), np.int32)
+  mask = np.zeros((b, t), np.int32)
+  for i, n in enumerate(lens):
+    tokens[i, :n] = rng.integers(5, c.model.vocab_size, n)
+    tokens[i, 0] = 1  # bos
+    mask[i, :n] = 1
+  return dict(image=rng.normal(size=(b, s, s, 3)).astype(np.float32),
+              image_mask=np.asarray(with_image, np.int32), tokens=tokens, input_mask=mask)
+
+
+def check_against_recompute(model, params, batch, depth, tol=F32_TOL, **kw):
+  gen = decode.generate(model, params, batch, depth=depth, max_new_tokens=5, eos_id=-1,
+                        return_logits=True, **kw)
+  ref = np.asarray(decode.recompute_logits(model, params, batch, gen.tokens, depth))
+  np.testing.assert_allclose(gen.logits, ref[-1], atol=tol, rtol=0)
+  np.testing.assert_array_equal(gen.tokens, ref[-1].argmax(-1))
+  assert (gen.steps_used == depth).all()
+  return gen, ref
+
+
+@pytest.mark.parametrize("mode,steps", [("none", 1), ("vanilla", 2), ("vanilla", 4),
+                                        ("connector", 1), ("connector", 2), ("connector", 3),
+                                        ("connector", 4)])
+def test_cached_decoding_equals_full_recomputation(mode, steps):
+  c, model, params = make(mode, steps)
+  check_against_recompute(model, params, ragged_batch(c), steps)
+
+
+def test_each_depth_agrees_with_teacher_forced_step_predictions():
+  """Decoding at depth r = the trained pass's step-r predictions on the same text, also
+  for r beyond R; and the depths really differ (the test could fail)."""
+  c, model, params = make("connector", 3)
+  batch = ragged_batch(c, seed=1)
+  answers = {}
+  for depth in (1, 2, 3, 5):
+    gen = decode.generate(model, params, batch, depth=depth, max_new_tokens=5, eos_id=-1,
+                          return_logits=True)
+    ref = np.asarray(decode.recompute_logits(model, params, batch, gen.tokens, 5))
+    np.testing.assert_allclose(gen.logits, ref[depth - 1], atol=F32_TOL, rtol=0)
+    answers[depth] = gen.tokens
+  assert len({a.tobytes() for a in answers.values()}) > 1
+
+
+def test_a_row_decodes_as_it_would_alone():
+  c, model, params = make("connector", 2)
+  batch = ragged_batch(c, lens=(3, 6, 2))
+  both = decode.generate(model, params, batch, depth=2, max_new_tokens=4, eos_id=-1)
+  for i in range(3):
+    n = int(batch["input_mask"][i].sum())
+    one = {k: v[i:i + 1] for k, v in batch.items()}
+    one["tokens"], one["input_mask"] = one["tokens"][:, :n], one["input_mask"][:, :n]
+    alone = decode.generate(model, params, one, depth=2, max_new_tokens=4, eos_id=-1)
+    np.testing.assert_array_equal(alone.tokens[0], both.tokens[i])
+
+
+def test_eos_stops_a_row_and_pads_after_it():
+  c, model, params = make("connector", 2)
+  batch = ragged_batch(c)
+  free = decode.generate(model, params, batch, depth=2, max_new_tokens=5, eos_id=-1)
+  eos = int(free.tokens[0, 2])  # row 0's third token plays eos
+  gen = decode.generate(model, params, batch, depth=2, max_new_tokens=5, eos_id=eos)
+  first = [list(r).index(eos) if eos in r else 5 for r in free.tokens]
+  for i, k in enumerate(first):
+    np.testing.assert_array_equal(gen.tokens[i, :k + 1], free.tokens[i, :k + 1])
+    assert (gen.tokens[i, k + 1:] == 0).all() and (gen.steps_used[i, k + 1:] == 0).all()
+    assert gen.lengths[i] == k
+  assert gen.lengths[0] == 2
+
+
+def test_adaptive_exit():
+  c, model, params = make("connector", 3)
+  batch = ragged_batch(c, seed=2)
+  full = decode.generate(model, params, batch, depth=3, max_new_tokens=5, eos_id=-1)
+  # Never triggered: the full depth, the same answer.
+  never = decode.generate(model, params, batch, depth=3, max_new_tokens=5, eos_id=-1,
+                          adaptive=decode.Adaptive(threshold=1.0))
+  np.testing.assert_array_equal(never.tokens, full.tokens)
+  assert never.mean_steps() == 3.0
+  # Always triggered at step 1: every later step reads step 1's keys and values for
+  # every generated token, so the answer is the depth-1 answer.
+  depth1 = decode.generate(model, params, batch, depth=1, max_new_tokens=5, eos_id=-1)
+  first = decode.generate(model, params, batch, depth=3, max_new_tokens=5, eos_id=-1,
+                          adaptive=decode.Adaptive(threshold=1e-9))
+  np.testing.assert_array_equal(first.tokens, depth1.tokens)
+  assert (first.steps_used == 1).all()
+  # The stability rule: exits after exactly 2 steps when the argmax does not move.
+  stable = decode.generate(model, params, batch, depth=3, max_new_tokens=5, eos_id=-1,
+                           adaptive=decode.Adaptive(threshold=1.0, stable_steps=2),
+                           return_logits=True)
+  assert set(np.unique(stable.steps_used)) <= {2, 3}
+  assert 1 <= stable.mean_steps() <= 3
+
+
+def test_exit_kv_rule():
+  """Steps after a row's exit step hold copies of the exit step's keys/values at the slot."""
+  rng = np.random.default_rng(0)
+  cache = rng.normal(size=(4, 2, 3, 5, 1, 2)).astype(np.float32)   # [r, L, B, S, K, D]
+  exit_step = np.array([0, 2, 3], np.int32)
+  out = np.asarray(decode._reuse_exit_kv(cache, exit_step, 3))  # pylint: disable=protected-access
+  for b, s in enumerate(exit_step):
+    for r in range(4):
+      want = cache[s, :, b, 3] if r > s else cache[r, :, b, 3]
+      np.testing.assert_array_equal(out[r, :, b, 3], want)
+  np.testing.assert_array_equal(np.delete(out, 3, axis=3), np.delete(cache, 3, axis=3))
+
+
+def test_sampling():
+  c, model, params = make("connector", 2)
+  batch = ragged_batch(c)
+  greedy = decode.generate(model, params, batch, depth=2, max_new_tokens=4, eos_id=-1)
+  key = jax.random.PRNGKey(3)
+  run = lambda **s: decode.generate(model, params, batch, depth=2, max_new_tokens=4,  # noqa: E731
+                                    eos_id=-1, sampling=decode.Sampling(**s), rng=key).tokens
+  np.testing.assert_array_equal(run(temperature=1.0, top_k=1), greedy.tokens)
+  np.testing.assert_array_equal(run(temperature=1.0, top_p=1e-6), greedy.tokens)
+  hot = run(temperature=5.0)
+  np.testing.assert_array_equal(hot, run(temperature=5.0))          # same seed, same answer
+  assert (hot != greedy.tokens).any()                                # and it does sample
+  with pytest.raises(ValueError, match="rng"):
+    decode.generate(model, params, batch, depth=2, max_new_tokens=4, eos_id=-1,
+                    sampling=decode.Sampling(temperature=1.0))
+
+
+def test_bfloat16_and_sharded_params():
+  c, model, params = make("connector", 2, dtype="bfloat16")
+  batch = ragged_batch(c, lens=(4, 4, 2, 3, 5, 2, 3, 4), with_image=(1,) * 8)
+  gen, _ = check_against_recompute(model, params, batch, 2, tol=0.1)
+  mesh = sharding_lib.make_mesh(c.mesh)
+  rules = sharding_lib.rules_from_config(c.mesh)
+  assert mesh.devices.size == 8
+  shardings = nn.logical_to_mesh_sharding(
+      nn.get_partition_spec(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                           train.dummy_batch(c, 1))["params"]), mesh, rules)
+  sharded = jax.device_put(params, shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    again = decode.generate(model, sharded, batch, depth=2, max_new_tokens=5, eos_id=-1)
+  np.testing.assert_array_equal(again.tokens, gen.tokens)
+
+
+def test_bad_arguments():
+  c, model, params = make("none", 1)
+  batch = ragged_batch(c)
+  with pytest.raises(ValueError, match="depth 1 only"):
+    decode.generate(model, params, batch, depth=2, max_new_tokens=2, eos_id=2)
+  with pytest.raises(ValueError, match="depth=0"):
+    decode.generate(model, params, batch, depth=0, max_new_tokens=2, eos_id=2)
+  with pytest.raises(ValueError, match="lacks"):
+    decode.generate(model, params, {"tokens": batch["tokens"]}, depth=1, max_new_tokens=2,
+                    eos_id=2)
+  with pytest.raises(ValueError, match="threshold"):
+    decode.generate(model, params, batch, depth=1, max_new_tokens=2, eos_id=2,
+                    adaptive=decode.Adaptive(threshold=0.0))
+  with pytest.raises(ValueError, match="top_p"):
+    decode.generate(model, params, batch, depth=1, max_new_tokens=2, eos_id=2,
+                    sampling=decode.Sampling(temperature=1.0, top_p=0.0), rng=jax.random.PRNGKey(0))
