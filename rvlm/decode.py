@@ -156,9 +156,10 @@ def _exit_update(state, logits, step, last, adaptive):
 # ---- the decoding program --------------------------------------------------------------
 
 
-def _generate_fn(model, depth, max_new_tokens, eos_id, sampling, adaptive, return_logits):
+def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits):
   step_module = _step(model)
-  head = lambda p, h: model.apply({"params": p}, h, method=vlm.VLM.logits)  # noqa: E731
+  # [B, 1, d] -> [B, V]: the head's sharding constraint names (batch, length, vocab).
+  head = lambda p, h: model.apply({"params": p}, h, method=vlm.VLM.logits)[:, 0]  # noqa: E731
 
   def run_step(p, e, e0, mask, positions, kv, index, num_image_tokens):
     return step_module.apply({"params": p["recursion"]["step"]}, e, e0, mask, positions, kv,
@@ -180,7 +181,7 @@ def _generate_fn(model, depth, max_new_tokens, eos_id, sampling, adaptive, retur
 
     def body(e, kv):
       e_next, (h, _), kv = run_step(params, e, e0, mask, positions, kv, 0, None)
-      h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+      h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
       return e_next, (head(params, h_last), kv)
 
     _, (logits, cache) = jax.lax.scan(body, e0, cache)             # logits [r, B, V]
@@ -204,7 +205,7 @@ def _generate_fn(model, depth, max_new_tokens, eos_id, sampling, adaptive, retur
       e_next, (h, _), (k, v) = run_step(params, e, e0, mask, positions, kv, slot, 0)
       ck = jax.lax.dynamic_update_index_in_dim(ck, k, s, 0)
       cv = jax.lax.dynamic_update_index_in_dim(cv, v, s, 0)
-      state = _exit_update(state, head(params, h[:, 0]), s, s == depth - 1, adaptive)
+      state = _exit_update(state, head(params, h), s, s == depth - 1, adaptive)
       return s + 1, e_next, (ck, cv), state
 
     vocab = model.cfg.vocab_size
@@ -216,7 +217,7 @@ def _generate_fn(model, depth, max_new_tokens, eos_id, sampling, adaptive, retur
       cache = tuple(_reuse_exit_kv(c, exit_step, slot) for c in cache)
     return logits, exit_step + 1, cache
 
-  def generate(params, batch, rng):
+  def generate(params, batch, rng, eos_id):
     t_prompt = batch["tokens"].shape[1]
     slots_prompt = vlm.num_image_tokens(model.cfg) + t_prompt
     slots = slots_prompt + max_new_tokens
@@ -288,15 +289,15 @@ def generate(model, params, batch, *, depth, max_new_tokens, eos_id, sampling=Sa
     raise ValueError(f"decode batch lacks {missing}; it needs {PROMPT_KEYS}")
   if sampling.temperature > 0 and rng is None:
     raise ValueError("sampling with temperature > 0 needs an rng (a jax PRNG key)")
-  key = (id(model), int(depth), int(max_new_tokens), int(eos_id), sampling, adaptive,
-         bool(return_logits))
-  if key not in _COMPILED:  # the model is kept in the value, so its id is not reused
-    _COMPILED[key] = (model, _generate_fn(model, int(depth), int(max_new_tokens), int(eos_id),
-                                          sampling, adaptive, return_logits))
-  fn = _COMPILED[key][1]
+  # Models built from equal configs share one program (jit caches it per input shapes).
+  key = (model.cfg, int(depth), int(max_new_tokens), sampling, adaptive, bool(return_logits))
+  if key not in _COMPILED:
+    _COMPILED[key] = _generate_fn(model, int(depth), int(max_new_tokens), sampling, adaptive,
+                                  return_logits)
+  fn = _COMPILED[key]
   prompts = {k: jnp.asarray(batch[k]) for k in PROMPT_KEYS}
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  tokens, steps, logits = jax.device_get(fn(params, prompts, rng))
+  tokens, steps, logits = jax.device_get(fn(params, prompts, rng, jnp.int32(eos_id)))
   tokens, steps = np.asarray(tokens), np.asarray(steps)
   is_eos = tokens == eos_id
   lengths = np.where(is_eos.any(1), is_eos.argmax(1), tokens.shape[1]).astype(np.int32)
