@@ -111,6 +111,26 @@ def test_results_and_metrics_are_written(uninterrupted):
   assert os.listdir(os.path.join(uninterrupted, "tb"))
 
 
+def test_generated_exact_match_agrees_with_teacher_forced(uninterrupted):
+  """The final evaluation decodes every answer too. The debug data's answers are one
+  token, and for those free-running greedy decoding and teacher forcing read the same
+  prefixes, so the two exact matches must be equal at every depth. (After 24 steps both
+  may be 0; that decoding equals the teacher-forced pass logit for logit is tested in
+  tests/test_decode.py, and per example in tests/test_evaluate_cli.py.)"""
+  with open(os.path.join(uninterrupted, "results.json")) as f:
+    results = json.load(f)
+  c = config()
+  batches = train.data_lib.build_eval_batches(c, "test", c.eval.batch_size, 32)
+  lengths = {int(b["mask_loss"][i].sum()) for b in batches
+             for i in np.flatnonzero(b["example_mask"])}
+  assert lengths == {2}  # one answer token + eos
+  generated, forced = results["generated_exact_match_by_depth"], results["accuracy_by_depth"]
+  assert set(generated) == set(forced) == {"1", "2"}
+  for d in forced:
+    assert generated[d] == pytest.approx(forced[d], abs=1e-9)
+  assert set(results["generated_f1_by_depth"]) == {"1", "2"}
+
+
 def test_sigterm_then_kill9_resume_matches_uninterrupted(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   # SIGTERM: a checkpoint is saved and the process exits 0.
