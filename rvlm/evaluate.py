@@ -1,9 +1,23 @@
 """Per-depth teacher-forced evaluation: exact match at every r = 1..R from one pass,
-by question family and hop count, plus the paper's Fig. 1 diagnostics."""
+by question family and hop count, plus the paper's Fig. 1 diagnostics.
+
+Run as a module it scores free-running generation of a trained workdir instead
+(rvlm/generation_eval.py): exact match, token F1, per-token latency and steps used at
+each depth, and the adaptive-exit trade-off at the trained depth R:
+
+  python -m rvlm.evaluate --workdir=W [--split=test] [--depths=1,2,3,6]
+      [--adaptive=0.9,0.99] [--num_examples=N] [--batch_size=B] [--max_new_tokens=N]
+
+It writes W/eval/generation_<split>.{json,md,png} and prints a table.
+"""
 import collections
 import json
 import os
+import sys
 
+from absl import app
+from absl import flags
+from absl import logging
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -107,3 +121,115 @@ def plot_accuracy_by_depth(path, results):
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+# ---- python -m rvlm.evaluate ------------------------------------------------------
+
+
+class _BadInput(Exception):
+  """A command-line mistake: reported in one line, exit code 2."""
+
+
+def define_flags(fv):
+  """The CLI's flags, in their own FlagValues: the trainer imports this module, and
+  global flags here would collide with rvlm.main's --workdir."""
+  flags.DEFINE_string("workdir", None, "Trained workdir (its latest checkpoint).", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+  flags.DEFINE_string("split", "test", "Eval split.", flag_values=fv)
+  flags.DEFINE_list("depths", [], "Depths to decode at (default 1..R).", flag_values=fv)
+  flags.DEFINE_list("adaptive", [], "Adaptive-exit thresholds in (0, 1] at depth R.",
+                    flag_values=fv)
+  flags.DEFINE_integer("num_examples", 0, "Examples (0: config.eval.num_examples).",
+                       flag_values=fv)
+  flags.DEFINE_integer("batch_size", 0, "Decode batch (0: config.eval.batch_size).",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 0, "Generated tokens per answer (0: the longest "
+                       "reference answer + eos).", flag_values=fv)
+
+
+def _numbers(values, kind, name):
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    raise _BadInput(f"--{name}={','.join(values)}: not a list of {kind.__name__}s") from None
+
+
+def _check_args(fv):
+  if not fv.workdir:
+    raise _BadInput("--workdir is required")
+  depths = _numbers(fv.depths, int, "depths")
+  if any(d < 1 for d in depths):
+    raise _BadInput(f"--depths={','.join(fv.depths)}: every depth must be >= 1")
+  thresholds = _numbers(fv.adaptive, float, "adaptive")
+  if any(not 0 < t <= 1 for t in thresholds):
+    raise _BadInput(f"--adaptive={','.join(fv.adaptive)}: every threshold must be in (0, 1]")
+  for name in ("num_examples", "batch_size", "max_new_tokens"):
+    if fv[name].value < 0:
+      raise _BadInput(f"--{name}={fv[name].value} must be >= 0 (0: the default)")
+  return depths, thresholds
+
+
+def run_cli(fv):
+  """Loads, decodes, scores and writes; returns the payload written to the JSON."""
+  # Imported here: rvlm.train imports this module, and the decoding side sits above it.
+  from rvlm import data as data_lib  # pylint: disable=g-import-not-at-top
+  from rvlm import generation_eval  # pylint: disable=g-import-not-at-top
+  from rvlm import generation_report  # pylint: disable=g-import-not-at-top
+  from rvlm import inference  # pylint: disable=g-import-not-at-top
+
+  depths, thresholds = _check_args(fv)
+  try:
+    loaded = inference.load(fv.workdir, step=fv.step)
+  except inference.InferenceError as e:
+    raise _BadInput(str(e)) from None
+  config = loaded.config
+  trained = int(config.model.recursion.num_steps)
+  if config.model.recursion.mode == "none" and any(d != 1 for d in depths):
+    raise _BadInput(f"--depths={','.join(fv.depths)}: a standard model (recursion mode "
+                    "'none') has depth 1 only")
+  depths = depths or list(range(1, 2 if config.model.recursion.mode == "none" else trained + 1))
+  num_examples = fv.num_examples or int(config.eval.num_examples)
+  batch_size = fv.batch_size or int(config.eval.batch_size)
+  try:
+    batches = data_lib.build_eval_batches(config, fv.split, batch_size, num_examples)
+  except ValueError as e:  # an unknown split, or one with no usable examples
+    raise _BadInput(f"--split={fv.split}: {e}") from None
+  eos = loaded.tokenizer.eos_id
+  max_new = fv.max_new_tokens or generation_eval.default_max_new_tokens(batches, eos)
+  result = generation_eval.evaluate(
+      loaded, batches, depths=depths, thresholds=thresholds, max_new_tokens=max_new,
+      family_names=data_lib.family_names(config))
+  payload = {"workdir": os.path.abspath(fv.workdir), "step": int(loaded.step),
+             "split": fv.split, "depths": depths, "thresholds": thresholds,
+             "batch_size": batch_size, "machine": generation_report.machine(), **result}
+  paths = generation_report.write(fv.workdir, fv.split, payload)
+  print(generation_report.table(payload))
+  print("wrote " + ", ".join(paths))
+  return payload
+
+
+def main(argv):
+  """`argv` is the whole command line (program name first), flags included."""
+  fv = flags.FlagValues()
+  define_flags(fv)
+  try:
+    rest = fv(argv)
+    if len(rest) > 1:
+      raise _BadInput(f"unexpected arguments: {' '.join(rest[1:])}")
+    run_cli(fv)
+  except (_BadInput, flags.Error) as e:
+    print("rvlm.evaluate: error: " + " ".join(str(e).split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def _global_flags_parser(argv):
+  """app.run's parser: the global absl flags get only the program name, so that the
+  whole command line reaches main's own FlagValues. Library logs are cut to errors:
+  orbax logs every restore at INFO, and stderr is for this tool's one-line errors."""
+  flags.FLAGS(argv[:1])
+  logging.set_verbosity(logging.ERROR)
+  return argv
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_global_flags_parser)
