@@ -131,8 +131,9 @@ def get_config(arg=None):
       splits=("val", "test", "test_comp"),
       # Evaluate depths 1..max_depth (0: the trained R; above R: depth extrapolation).
       max_depth=0,
-      # The final evaluation also decodes every answer (greedy, rvlm/decode.py) at each
-      # depth: results.json's generated_exact_match_by_depth beside the teacher-forced one.
+      # The final evaluation also decodes the test split's answers (greedy,
+      # rvlm/decode.py) at each depth: results.json's generated_exact_match_by_depth
+      # and generated_f1_by_depth beside the teacher-forced accuracy_by_depth.
       generated=True,
   ))
 
