@@ -1,6 +1,8 @@
 """Free-running (generated) evaluation: greedy answers at each recursion depth, and at
 the trained depth with adaptive exit, scored by exact match and token F1 against the
 reference, with per-token latency and steps used. `python -m rvlm.evaluate` runs it.
+Given the tokenizer, answers are also decoded to text and compared after VQA-style
+normalisation (rvlm/answers.py), so that "Yes." scores as "yes".
 
 Teacher-forced exact match (rvlm/evaluate.py) feeds the reference answer back in; here
 the model reads its own tokens, so a wrong first token cannot be rescued and an answer
@@ -12,6 +14,7 @@ import time
 
 import numpy as np
 
+from rvlm import answers as answers_lib
 from rvlm import decode
 
 
@@ -122,17 +125,33 @@ def run(loaded, batches, *, depth, max_new_tokens, adaptive=None):
   return {"answers": answers, "ended": ended, "steps_used": steps, "wall_s": wall}
 
 
-def score(gen, refs, families, hops, family_names):
-  """Exact match and F1 overall, by family and by hop count, plus speed and steps."""
+def score(gen, refs, families, hops, family_names, tokenizer=None):
+  """Exact match and F1 overall, by family and by hop count, plus speed and steps.
+
+  With `tokenizer`, answers and references are decoded to text, and each part also
+  has 'normalised_exact_match' (equal after rvlm.answers.normalise, and ended with
+  eos as for the strict figure), and the result 'normalised_majority_baseline': the
+  split's, the same at every depth, so that a caller holding one score has it.
+  Identical tokens decode to identical text, so normalised >= strict, per example.
+  The text is what rvlm.predict prints: decode drops special tokens (and the embedded
+  word tokenizer's <unk>), so answers that differ only in those match.
+  """
   em = np.array([exact_match(a, r, e) for a, r, e in zip(gen["answers"], refs, gen["ended"])])
   f1 = np.array([token_f1(a, r) for a, r in zip(gen["answers"], refs)])
   families, hops = np.asarray(families), np.asarray(hops)
+  if tokenizer is not None:
+    ref_text = [tokenizer.decode(r) for r in refs]
+    norm = np.array([bool(e) and answers_lib.normalised_match(tokenizer.decode(a), t)
+                     for a, t, e in zip(gen["answers"], ref_text, gen["ended"])], bool)
   def part(sel):
-    return {"exact_match": float(em[sel].mean()), "f1": float(f1[sel].mean()),
-            "num_examples": int(np.sum(sel))}
+    out = {"exact_match": float(em[sel].mean()), "f1": float(f1[sel].mean()),
+           "num_examples": int(np.sum(sel))}
+    if tokenizer is not None:
+      out["normalised_exact_match"] = float(norm[sel].mean())
+    return out
   tokens = sum(s.size for s in gen["steps_used"])
   steps = float(sum(s.sum() for s in gen["steps_used"]) / max(tokens, 1))
-  return {
+  result = {
       **part(np.ones(em.shape, bool)),
       "by_family": {family_names[f]: part(families == f) for f in np.unique(families)},
       "by_hops": {str(h): part(hops == h) for h in np.unique(hops)},
@@ -144,25 +163,32 @@ def score(gen, refs, families, hops, family_names):
       "tokens_per_s": tokens / gen["wall_s"] if gen["wall_s"] else float("nan"),
       "mean_steps_per_token": steps,
   }
+  if tokenizer is not None:
+    result["normalised_majority_baseline"] = answers_lib.majority_baseline(ref_text)
+  return result
 
 
 def evaluate(loaded, batches, *, depths, thresholds, max_new_tokens, family_names):
   """Scores greedy generation at each depth and, at the trained depth R, with
-  adaptive exit at each threshold. Returns {'by_depth', 'adaptive', ...}."""
+  adaptive exit at each threshold. Returns {'by_depth', 'adaptive',
+  'normalised_majority_baseline', ...}; every score has the normalised figures."""
   eos = loaded.tokenizer.eos_id
   refs = references(batches, eos)
   families = np.concatenate([b["family"][b["example_mask"] > 0] for b in batches])
   hops = np.concatenate([b["hops"][b["example_mask"] > 0] for b in batches])
   trained = int(loaded.config.model.recursion.num_steps)
   result = {"num_examples": len(refs), "trained_depth": trained,
-            "max_new_tokens": int(max_new_tokens), "by_depth": {}, "adaptive": {}}
+            "max_new_tokens": int(max_new_tokens), "by_depth": {}, "adaptive": {},
+            "normalised_majority_baseline": answers_lib.majority_baseline(
+                [loaded.tokenizer.decode(r) for r in refs])}
   for r in depths:
     gen = run(loaded, batches, depth=int(r), max_new_tokens=max_new_tokens)
-    result["by_depth"][str(r)] = score(gen, refs, families, hops, family_names)
+    result["by_depth"][str(r)] = score(gen, refs, families, hops, family_names,
+                                       tokenizer=loaded.tokenizer)
   for t in thresholds:
     gen = run(loaded, batches, depth=trained, max_new_tokens=max_new_tokens,
               adaptive=decode.Adaptive(float(t)))
-    res = score(gen, refs, families, hops, family_names)
+    res = score(gen, refs, families, hops, family_names, tokenizer=loaded.tokenizer)
     res["steps_fraction_of_trained"] = res["mean_steps_per_token"] / trained
     result["adaptive"][format_threshold(t)] = res
   return result
@@ -173,5 +199,7 @@ def format_threshold(t):
 
 
 def default_max_new_tokens(batches, eos_id):
-  """The longest reference answer plus its eos: enough for every exact match."""
+  """The longest reference answer plus its eos: enough for every exact match. A longer
+  spelling of a right answer ("the circle" for "circle") can be cut off by it and
+  scored wrong by the normalised match too; pass --max_new_tokens to allow it."""
   return 1 + max(len(r) for r in references(batches, eos_id))

@@ -158,23 +158,29 @@ def test_cli_writes_json_markdown_and_plot(trained_workdir, capsys):
   for key in ("1", "2", ):
     d = res["by_depth"][key]
     assert 0 <= d["exact_match"] <= d["f1"] <= 1   # an exact match has F1 = 1
+    # Normalisation (rvlm/answers.py) can only merge answers, never split them.
+    assert 0 <= d["exact_match"] <= d["normalised_exact_match"] <= 1
     assert d["mean_steps_per_token"] == int(key)
     assert d["ms_per_token"] > 0 and d["tokens_per_s"] > 0
     assert set(d["by_family"]) <= set(names) and d["by_family"]
     assert sum(v["num_examples"] for v in d["by_hops"].values()) == NUM_EXAMPLES
     for part in list(d["by_family"].values()) + list(d["by_hops"].values()):
-      assert {"exact_match", "f1", "num_examples"} <= set(part)
+      assert {"exact_match", "f1", "num_examples", "normalised_exact_match"} <= set(part)
+      assert part["exact_match"] <= part["normalised_exact_match"] <= 1
+  assert 0 < res["normalised_majority_baseline"] <= 1
   for t in ("0.5", "1"):
     a = res["adaptive"][t]
     assert 1 <= a["mean_steps_per_token"] <= 2
+    assert a["exact_match"] <= a["normalised_exact_match"] <= 1
     assert a["steps_fraction_of_trained"] == pytest.approx(a["mean_steps_per_token"] / 2)
   with open(base + ".md") as f:
     md = f.read()
   assert "| r = 2 |" in md and "## Adaptive exit at R = 2" in md and "## Exact match by hops" in md
+  assert "| setting | exact match | normalised | F1 |" in md
   with open(base + ".png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   out = capsys.readouterr().out
-  assert "r = 1" in out and "adaptive 0.5 (R = 2)" in out
+  assert "r = 1" in out and "adaptive 0.5 (R = 2)" in out and " norm. " in out
   assert out.strip().splitlines()[-2] == generation_report.table(res).splitlines()[-1]
 
 
