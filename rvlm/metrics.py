@@ -190,20 +190,35 @@ class ProgressReporter:
 
   The clock starts at the first call, so the first step (which includes compilation)
   is excluded from the rates. Resumed runs work: rates use steps since that call.
+  A line is logged at the first call, every `log_every` steps, at the last step, and
+  whenever `every_secs` of wall time have passed since the previous line: with slow
+  steps, log_every steps can take many minutes, and a silent run looks hung.
   """
 
-  def __init__(self, total_steps, batch_size, log_every=1, clock=time.perf_counter):
+  def __init__(self, total_steps, batch_size, log_every=1, every_secs=30.0,
+               clock=time.perf_counter):
     self.total_steps, self.batch_size, self.log_every = total_steps, batch_size, log_every
+    self.every_secs = every_secs
     self._clock = clock
-    self._t0 = self._step0 = None
+    self._t0 = self._step0 = self._logged_at = None
     self.steps_per_sec = self.examples_per_sec = self.eta_sec = None
 
-  def __call__(self, step):
-    """Updates the rates after `step` finished; returns (and maybe logs) a line."""
+  def __call__(self, step, ready=None):
+    """Updates the rates after `step` finished; returns (and maybe logs) a line.
+
+    `ready` (e.g. the step's outputs) is waited for before a line is logged: dispatch
+    is asynchronous, so without it the clock would time the host running ahead of
+    the device. Steps without a line do not wait.
+    """
     now = self._clock()
+    due = (self._t0 is None or step % self.log_every == 0 or step == self.total_steps
+           or now - self._logged_at >= self.every_secs)
+    if due and ready is not None:
+      jax.block_until_ready(ready)
+      now = self._clock()
     if self._t0 is None:
       self._t0, self._step0 = now, step
-      line = f"step {step}/{self.total_steps} (first step: compiling; no rates yet)"
+      line = f"step {step}/{self.total_steps} (first step, includes compilation; no rates yet)"
     else:
       elapsed = max(now - self._t0, 1e-9)
       self.steps_per_sec = (step - self._step0) / elapsed
@@ -212,7 +227,8 @@ class ProgressReporter:
       line = (f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%) "
               f"{self.steps_per_sec:.2f} steps/s {self.examples_per_sec:.1f} examples/s "
               f"ETA {_duration(self.eta_sec)}")
-    if step % self.log_every == 0 or step == self.total_steps:
+    if due:
+      self._logged_at = now
       logging.info("%s", line)
     return line
 

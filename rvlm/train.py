@@ -8,6 +8,7 @@ fresh init.
 import functools
 import os
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   def check_curriculum(step):
     """Raises the curriculum level when the model has learned the current one."""
     batches = train_iter.probe_batches(config.eval.batch_size)
+    logging.info("step %d: curriculum probe at h = %d (%s, depths 1..%d)", step,
+                 train_iter.level, _eval_size(batches), eval_depth(config))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       res = evaluate.evaluate_split(eval_fn, state["params"], batches, mesh, family_names)
     level = train_iter.level
@@ -193,6 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     results = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for split, batches in eval_splits.items():
+        logging.info("step %d: evaluating %s (%s, depths 1..%d)", step, split,
+                     _eval_size(batches), eval_depth(config))
         results[split] = evaluate.evaluate_split(eval_fn, state["params"], batches, mesh, family_names)
     for split, res in results.items():
       writer.write_scalars(step, evaluate.scalars(split, res))
@@ -213,10 +218,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   with _StopSignal() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < total_steps:
       batch = sharding_lib.make_global_batch(next(train_iter), mesh)
+      dispatched = time.perf_counter()
       state, step_metrics = train_fn(state, batch)
       step += 1
+      if step == first_step + 1:  # this call compiled; wait for its result to time both
+        jax.block_until_ready(step_metrics)
+        logging.info("first train step (compile + run): %.1f s",
+                     time.perf_counter() - dispatched)
       acc = metrics_lib.merge_metrics(acc, step_metrics)
-      progress(step)
+      progress(step, ready=step_metrics)
       if use_curriculum and train_iter.due(step):  # before any save: the level is data state
         check_curriculum(step)
       save_now = (step % config.train.checkpoint_every == 0 or step == total_steps
@@ -251,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   if config.eval.get("generated", True):  # the primary split only: it costs a decode per depth
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       add_generated_exact_match(config, model, state["params"], eval_splits[primary],
-                                results[primary], family_names)
+                                results[primary], family_names, split=primary)
   payload = evaluate.write_results(workdir, step, results, primary) if jax.process_index() == 0 else None
   ckpt.close()
   writer.close()
@@ -260,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   return payload
 
 
-def add_generated_exact_match(config, model, params, batches, result, family_names):
+def add_generated_exact_match(config, model, params, batches, result, family_names,
+                              split="eval"):
   """Adds free-running (greedy, rvlm/decode.py) exact match and token F1 at every
   evaluated depth beside the teacher-forced figures of one split's `result`."""
   if jax.process_count() > 1:  # eval batches are per process; decoding them is not
@@ -271,6 +282,8 @@ def add_generated_exact_match(config, model, params, batches, result, family_nam
                             workdir="")
   max_new = generation_eval.default_max_new_tokens(batches, loaded.tokenizer.eos_id)
   refs = generation_eval.references(batches, loaded.tokenizer.eos_id)
+  logging.info("generated exact match: decoding %s (%s, depths 1..%d, up to %d new tokens)",
+               split, _eval_size(batches), eval_depth(config), max_new)
   fams = np.concatenate([b["family"][b["example_mask"] > 0] for b in batches])
   hops = np.concatenate([b["hops"][b["example_mask"] > 0] for b in batches])
   em, f1 = {}, {}
@@ -282,6 +295,14 @@ def add_generated_exact_match(config, model, params, batches, result, family_nam
   result["generated_f1_by_depth"] = f1
   logging.info("generated (greedy) exact match by depth %s",
                {d: round(a, 4) for d, a in em.items()})
+
+
+def _eval_size(batches):
+  """'N examples in B batches': real rows (example_mask 1), not the last batch's padding."""
+  n = sum(int(np.sum(b["example_mask"])) for b in batches)
+  # Eval batches are per process; counting the others' rows would need a collective.
+  where = " on this process" if jax.process_count() > 1 else ""
+  return f"{n} examples{where} in {len(batches)} batch{'es' if len(batches) != 1 else ''}"
 
 
 def _handle_nonfinite(config, first, last, scalars, ckpt):

@@ -1,5 +1,6 @@
 """Tests for rvlm.metrics: clu metric dicts, writers, progress, parameter overview, CKA."""
 import glob
+import logging
 import os
 import struct
 
@@ -116,6 +117,54 @@ def test_progress_reporter_excludes_first_step():
   assert progress.metrics()["examples_per_sec"] == pytest.approx(8 * 4 / 32)
   assert progress.eta_sec == pytest.approx(20 / (4 / 32))
   assert "step 5/25" in line and "ETA 0:02:40" in line
+
+
+class _Outputs:
+  """Stands in for a step's outputs: counts how often the reporter waits for them."""
+
+  def __init__(self):
+    self.waits = 0
+
+  def block_until_ready(self):
+    self.waits += 1
+    return self
+
+
+def test_progress_reporter_logs_first_step_then_by_interval_or_log_every(caplog):
+  now = [0.0]
+  progress = metrics.ProgressReporter(total_steps=100, batch_size=4, log_every=10,
+                                      every_secs=30.0, clock=lambda: now[0])
+
+  def step_at(step, t):
+    """Runs step `step` finishing at time `t`; (logged lines, waits for its outputs)."""
+    now[0] = t
+    out = _Outputs()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+      progress(step, ready=out)
+    return [r.getMessage() for r in caplog.records if f"step {step}/100" in r.getMessage()], \
+        out.waits
+
+  # The first step (compilation) is logged although 1 is not a log_every boundary.
+  lines, waits = step_at(1, 100.0)
+  assert len(lines) == 1 and "no rates" in lines[0] and waits == 1
+  # 12 s steps: nothing until 30 s have passed since the last line ...
+  assert step_at(2, 112.0) == ([], 0)
+  assert step_at(3, 124.0) == ([], 0)
+  lines, waits = step_at(4, 136.0)  # ... then a line, between log_every boundaries.
+  assert len(lines) == 1 and "0.08 steps/s" in lines[0] and waits == 1
+  # The interval restarts at every line.
+  assert step_at(5, 148.0) == ([], 0)
+  assert step_at(6, 160.0) == ([], 0)
+  assert len(step_at(7, 166.0)[0]) == 1
+  # A log_every boundary logs however little time passed.
+  assert step_at(9, 167.0) == ([], 0)
+  assert len(step_at(10, 168.0)[0]) == 1
+  # Fast steps: only log_every boundaries (and the last step).
+  for step in range(11, 100):
+    lines, _ = step_at(step, 168.0 + 0.1 * (step - 10))
+    assert bool(lines) == (step % 10 == 0), step
+  assert len(step_at(100, 180.0)[0]) == 1
 
 
 def test_log_parameter_overview_boxed_and_abstract():

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -85,6 +86,8 @@ def uninterrupted(tmp_path_factory):
   proc = start(workdir)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
+  with open(os.path.join(workdir, "train.log"), "w") as f:  # for the log-line test
+    f.write(out)
   return workdir
 
 
@@ -129,6 +132,28 @@ def test_generated_exact_match_agrees_with_teacher_forced(uninterrupted):
   for d in forced:
     assert generated[d] == pytest.approx(forced[d], abs=1e-9)
   assert set(results["generated_f1_by_depth"]) == {"1", "2"}
+
+
+def test_progress_compile_time_and_eval_sizes_are_logged(uninterrupted):
+  """The run's absl log (log_every=2) has a progress line after step 1, before the first
+  log_every boundary, the compile time, and each evaluation announced with its size
+  before it runs. (The 30 s progress interval is tested with a fake clock in
+  tests/test_metrics.py.)"""
+  with open(os.path.join(uninterrupted, "train.log")) as f:
+    lines = f.read().splitlines()
+  index = lambda text: next(i for i, l in enumerate(lines) if text in l)  # noqa: E731
+  assert re.search(r"\] first train step \(compile \+ run\): \d+\.\d s$",
+                   lines[index("first train step")])
+  assert index("first train step") < index(f"step 1/{TOTAL} (first step") < index(
+      f"step 2/{TOTAL} (")
+  size = "32 examples in 1 batch, depths 1..2"
+  assert index(f"step {TOTAL}: evaluating test ({size})") < index(
+      f"step {TOTAL} test accuracy by depth")
+  assert index(f"generated exact match: decoding test ({size}, up to ") < index(
+      "generated (greedy) exact match by depth")
+  # Padding rows (example_mask 0) of the last batch are not counted.
+  padded = [{"example_mask": np.array([1, 1])}, {"example_mask": np.array([1, 0])}]
+  assert train._eval_size(padded) == "3 examples in 2 batches"
 
 
 def test_sigterm_then_kill9_resume_matches_uninterrupted(uninterrupted, tmp_path):
