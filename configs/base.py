@@ -50,6 +50,10 @@ def get_config(arg=None):
       name="embedded",     # embedded | embedded_tfds | llava
       batch_size=64,       # global batch
       seq_len=24,          # text tokens per example (bos + prompt + answer + eos)
+      # Length-aware batches (rvlm/data/buckets.py): none | auto | "16,32,64": each batch
+      # is cut to the smallest bucket length holding its longest example.
+      buckets="none",
+      max_seq_len=512,     # cap for seq_len=0 (auto: the longest train record)
       num_workers=0,       # grain worker processes (0: preprocess in this process)
       strict=False,        # False: skip + count bad input; True: raise (file, line)
       shuffle_seed=0,      # combined with c.seed; epochs reshuffle
@@ -80,13 +84,14 @@ def get_config(arg=None):
           heldout_pairs="red circle,green triangle,blue square,yellow circle",
       ),
       # kind: embedded (word vocab, 123 ids) | bytes (UTF-8, 260 ids) | sentencepiece |
-      # hf (tokenizer.json).
+      # hf (tokenizer.json) | auto (a sentencepiece model of up to auto_vocab_size
+      # pieces trained on the train text into the workdir: rvlm/data/resolve.py).
       # bos/eos/pad: token names for hf tokenizers; empty = common spellings.
       # Hop-count curriculum (rvlm/data/curriculum.py): train max_hops starts at `start`
       # and rises by one when val accuracy at exactly that many hops (final depth)
       # reaches `threshold`, checked every `every` steps, up to embedded.max_hops.
       curriculum=dict(enabled=False, start=2, threshold=0.9, every=100, num_examples=128),
-      tokenizer=dict(kind="embedded", path="", bos="", eos="", pad=""),
+      tokenizer=dict(kind="embedded", path="", bos="", eos="", pad="", auto_vocab_size=1024),
       tfds_dir="",         # embedded_tfds: built by python -m rvlm.data.tfds_embedded
       train_json="",       # llava: JSON/JSONL records
       eval_json="",

@@ -111,8 +111,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   Returns the final results dict (also written to workdir/results.json).
   """
-  check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  # Own data: tokenizer 'auto' and seq_len 0 are settled from the data, once per workdir.
+  config = data_lib.resolve.resolve(config, workdir)
+  check_config(config)
   total_steps = int(config.train.total_steps)
 
   # ---- mesh ----------------------------------------------------------------------
@@ -130,6 +132,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                                          jax.process_count())
       for split in config.eval.splits}
   family_names = data_lib.family_names(config)
+  bucket_lengths = data_lib.buckets.boundaries(config.data)
+
+  def next_batch():
+    local = next(train_iter)
+    if bucket_lengths:  # cut the text padding to a bucket length (same in every process)
+      local = data_lib.buckets.trim(local, data_lib.buckets.global_length(local, bucket_lengths))
+    return sharding_lib.make_global_batch(local, mesh)
   use_curriculum = data_lib.curriculum.check_config(config) is not None
 
   # ---- model and optimizer -------------------------------------------------------
@@ -217,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   window_start = step + 1  # first step of the current logging window
   with _StopSignal() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     while step < total_steps:
-      batch = sharding_lib.make_global_batch(next(train_iter), mesh)
+      batch = next_batch()
       dispatched = time.perf_counter()
       state, step_metrics = train_fn(state, batch)
       step += 1
@@ -286,13 +295,19 @@ def add_generated_exact_match(config, model, params, batches, result, family_nam
                split, _eval_size(batches), eval_depth(config), max_new)
   fams = np.concatenate([b["family"][b["example_mask"] > 0] for b in batches])
   hops = np.concatenate([b["hops"][b["example_mask"] > 0] for b in batches])
-  em, f1 = {}, {}
+  em, f1, norm = {}, {}, {}
   for r in range(1, eval_depth(config) + 1):
     gen = generation_eval.run(loaded, batches, depth=r, max_new_tokens=max_new)
-    scored = generation_eval.score(gen, refs, fams, hops, family_names)
+    scored = generation_eval.score(gen, refs, fams, hops, family_names,
+                                   tokenizer=loaded.tokenizer)
     em[str(r)], f1[str(r)] = scored["exact_match"], scored["f1"]
+    norm[str(r)] = scored["normalised_exact_match"]
   result["generated_exact_match_by_depth"] = em
   result["generated_f1_by_depth"] = f1
+  # Free-text answers: VQA-style normalisation (case, punctuation, articles, number
+  # words; rvlm/answers.py), with the majority baseline computed the same way.
+  result["normalised_exact_match_by_depth"] = norm
+  result["normalised_majority_baseline"] = scored["normalised_majority_baseline"]
   logging.info("generated (greedy) exact match by depth %s",
                {d: round(a, 4) for d, a in em.items()})
 

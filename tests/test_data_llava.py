@@ -19,6 +19,9 @@ def _config(tmp_path, train, evaluation=None, **data_overrides):
   c.data.eval_json = str(evaluation or train)
   c.data.image_dir = str(tmp_path / "images")
   c.data.seq_len = SEQ
+  c.data.buckets = "none"
+  c.data.tokenizer.kind = "bytes"  # ids the tests can write by hand (_ids)
+  c.model.vocab_size = 260
   c.data.batch_size = 2
   for k, v in data_overrides.items():
     c.data[k] = v
@@ -166,12 +169,16 @@ def test_llava_format_config_trains_from_command_line_overrides(tmp_path):
   _images(tmp_path)
   path = tmp_path / "t.jsonl"
   _write_jsonl(path, [{"question": "again?", "answer": "yes"}])
+  # The config's own tokenizer and length (auto) are settled by the trainer in its
+  # workdir (tests/test_own_data.py); here the byte tokenizer at 256 positions.
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   argv = [__file__, f"--config={root}/configs/llava_format.py",
           f"--config.data.train_json={path}", f"--config.data.eval_json={path}",
-          f"--config.data.image_dir={tmp_path / 'images'}", "--config.data.batch_size=4"]
+          f"--config.data.image_dir={tmp_path / 'images'}", "--config.data.batch_size=4",
+          "--config.data.tokenizer.kind=bytes", "--config.data.seq_len=256",
+          "--config.model.vocab_size=260"]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, sys_argv=argv)
   fv(argv)

@@ -132,6 +132,9 @@ def test_generated_exact_match_agrees_with_teacher_forced(uninterrupted):
   for d in forced:
     assert generated[d] == pytest.approx(forced[d], abs=1e-9)
   assert set(results["generated_f1_by_depth"]) == {"1", "2"}
+  for d, a in results["normalised_exact_match_by_depth"].items():
+    assert generated[d] <= a <= 1.0
+  assert 0.0 < results["normalised_majority_baseline"] <= 1.0
 
 
 def test_progress_compile_time_and_eval_sizes_are_logged(uninterrupted):

@@ -6,8 +6,10 @@ grain pipelines producing the batch contract:
 
 See layout.py for the token layout and skips.py for the bad-input policy.
 """
+from rvlm.data import buckets
 from rvlm.data import curriculum
 from rvlm.data import pipeline
+from rvlm.data import resolve
 from rvlm.data.pipeline import build_eval_batches
 from rvlm.data.pipeline import family_names
 from rvlm.data.skips import reset_skip_counts
@@ -22,5 +24,5 @@ def build_train_iterator(config, process_index=0, process_count=1):
   return pipeline.build_train_iterator(config, process_index, process_count)
 
 
-__all__ = ["build_eval_batches", "build_train_iterator", "family_names",
-           "get_tokenizer", "reset_skip_counts", "skip_counts"]
+__all__ = ["buckets", "build_eval_batches", "build_train_iterator", "family_names",
+           "get_tokenizer", "reset_skip_counts", "resolve", "skip_counts"]

@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from rvlm.data import batching
+from rvlm.data import buckets
 from rvlm.data import embedded
 from rvlm.data import families
 from rvlm.data import llava
@@ -73,6 +74,9 @@ def validate(config, process_count=1):
   d = config.data
   if d.name not in NAMES:
     raise ValueError(f"config.data.name={d.name!r} unknown; choose from {NAMES}")
+  if d.seq_len == 0:
+    raise ValueError("config.data.seq_len=0 (auto) is settled by the trainer in its workdir "
+                     "(WORKDIR/data_stats.json, rvlm/data/resolve.py); here give a length")
   for field in ("batch_size", "seq_len"):
     if not isinstance(d[field], int) or d[field] <= 0:
       raise ValueError(f"config.data.{field}={d[field]!r} must be a positive int")
@@ -82,6 +86,7 @@ def validate(config, process_count=1):
     raise ValueError(f"config.data.batch_size={d.batch_size} is not divisible by "
                      f"process_count={process_count}")
   _image_size(config)
+  buckets.boundaries(d)
   parse_mixture(d.mixture)
   tok = tokenizers.get_tokenizer(d)
   model_vocab = config.get("model", {}).get("vocab_size")
@@ -196,8 +201,13 @@ def build_eval_batches(config, split, batch_size, num_examples, process_index=0,
   blank = {k: np.zeros_like(v) for k, v in exs[0].items()}
   exs += [blank] * (-len(exs) % batch_size)
   local = batch_size // process_count
+  lengths = buckets.boundaries(config.data)
   batches = []
   for start in range(0, len(exs), batch_size):
     rows = exs[start + process_index * local: start + (process_index + 1) * local]
-    batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    if lengths:  # from the global batch, so that every process cuts to the same length
+      whole = {"input_mask": np.stack([r["input_mask"] for r in exs[start:start + batch_size]])}
+      batch = buckets.trim(batch, buckets.bucket_length(buckets.needed_length(whole), lengths))
+    batches.append(batch)
   return batches

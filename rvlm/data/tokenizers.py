@@ -156,6 +156,10 @@ def get_tokenizer(data_config):
     return SentencePieceTokenizer(path)
   if kind == "hf":
     return HFTokenizer(path, tcfg.get("bos", ""), tcfg.get("eos", ""), tcfg.get("pad", ""))
+  if kind == "auto":
+    raise ValueError("config.data.tokenizer.kind='auto' is settled by the trainer in its "
+                     "workdir (WORKDIR/tokenizer/sp.model, rvlm/data/resolve.py); here name "
+                     "that file with kind=sentencepiece and tokenizer.path")
   raise ValueError(f"config.data.tokenizer.kind={kind!r} unknown; choose embedded, "
                    "bytes, sentencepiece or hf")
 
