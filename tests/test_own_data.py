@@ -178,3 +178,27 @@ def test_own_data_trains_with_buckets_and_resumes_exactly(tmp_path):
 def data_rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_readme_command_on_own_data(tmp_path):
+  """`python -m rvlm.main --config=configs/llava_format.py` as the README gives it: the
+  tokenizer and length are fitted in the workdir, logged, and the run finishes."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = write_dataset(tmp_path, n=32)
+  workdir = tmp_path / "w"
+  cmd = [sys.executable, "-m", "rvlm.main", "--config=configs/llava_format.py:preset=tiny",
+         f"--workdir={workdir}", f"--config.data.train_json={path}",
+         f"--config.data.eval_json={path}", f"--config.data.image_dir={tmp_path / 'images'}",
+         "--config.data.batch_size=8", "--config.train.total_steps=2",
+         "--config.train.log_every=1", "--config.optim.warmup_steps=1",
+         "--config.eval.num_examples=16", "--config.eval.batch_size=16"]
+  out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "tokenizer.kind='auto': training a sentencepiece model" in out.stderr
+  assert "seq_len=0 (auto)" in out.stderr
+  assert (workdir / "tokenizer" / "sp.model").exists()
+  with open(workdir / "results.json") as f:
+    results = json.load(f)
+  assert set(results["normalised_exact_match_by_depth"]) == set(results["accuracy_by_depth"])

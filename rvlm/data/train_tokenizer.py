@@ -16,10 +16,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
-_OUT = flags.DEFINE_string("out", None, "Output .model path.", required=True)
-_VOCAB = flags.DEFINE_integer("vocab_size", 256, "Target vocabulary size.")
-_NUM = flags.DEFINE_integer("num_examples", 20_000, "Embedded examples to read.")
 
 
 def texts(config, num_examples):
@@ -54,12 +50,22 @@ def train(sentences, out, vocab_size):
   return out
 
 
+def define_flags():
+  """The CLI's flags, defined only when run as a program: the trainer imports this
+  module (tokenizer 'auto', rvlm/data/resolve.py) and has its own --config."""
+  config_flags.DEFINE_config_file("config", None, "Config file.")
+  flags.DEFINE_string("out", None, "Output .model path.", required=True)
+  flags.DEFINE_integer("vocab_size", 256, "Target vocabulary size.")
+  flags.DEFINE_integer("num_examples", 20_000, "Embedded examples to read.")
+
+
 def main(argv):
   del argv
-  config = _CONFIG.value
-  path = train(texts(config, _NUM.value), _OUT.value, _VOCAB.value)
+  fv = flags.FLAGS
+  path = train(texts(fv.config, fv.num_examples), fv.out, fv.vocab_size)
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
