@@ -117,7 +117,7 @@ def main(_):
   num_params = sum(x.size for x in jax.tree.leaves(params))
 
   m = generation_report.machine()
-  print(f"machine: {m['cpu']}, {m['cpu_count']} cores, {m['backend']} x{len(m['devices'])} "
+  print(f"machine: {m['processor']}, {m['cpu_count']} cores, {m['backend']} x{len(m['devices'])} "
         f"({m['device_kind']}), jax {m['jax_version']}")
   print(f"config: R={r_trained} mode={config.model.recursion.mode} "
         f"decoder depth={config.model.decoder.depth} width={config.model.decoder.width} "

@@ -173,6 +173,7 @@ def run_cli(fv):
   """Loads, decodes, scores and writes; returns the payload written to the JSON."""
   # Imported here: rvlm.train imports this module, and the decoding side sits above it.
   from rvlm import data as data_lib  # pylint: disable=g-import-not-at-top
+  from rvlm import decode  # pylint: disable=g-import-not-at-top
   from rvlm import generation_eval  # pylint: disable=g-import-not-at-top
   from rvlm import generation_report  # pylint: disable=g-import-not-at-top
   from rvlm import inference  # pylint: disable=g-import-not-at-top
@@ -184,9 +185,11 @@ def run_cli(fv):
     raise _BadInput(str(e)) from None
   config = loaded.config
   trained = int(config.model.recursion.num_steps)
-  if config.model.recursion.mode == "none" and any(d != 1 for d in depths):
-    raise _BadInput(f"--depths={','.join(fv.depths)}: a standard model (recursion mode "
-                    "'none') has depth 1 only")
+  for d in depths:
+    try:
+      decode.check_depth(loaded.model, d)
+    except ValueError as e:  # a standard model (recursion mode 'none') has depth 1 only
+      raise _BadInput(f"--depths={','.join(fv.depths)}: {e}") from None
   depths = depths or list(range(1, 2 if config.model.recursion.mode == "none" else trained + 1))
   num_examples = fv.num_examples or int(config.eval.num_examples)
   batch_size = fv.batch_size or int(config.eval.batch_size)

@@ -2,29 +2,16 @@
 the compact table it prints. The payload comes from rvlm.generation_eval.evaluate."""
 import json
 import os
-import platform
 
 import jax
 
-
-def cpu_name():
-  """The CPU model (Linux /proc/cpuinfo), else what `platform` knows."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+from rvlm.experiments import report
 
 
 def machine():
-  """What the latencies were measured on."""
+  """What the latencies were measured on: report.machine() and the jax devices."""
   devices = jax.devices()
-  return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu": cpu_name(),
-          "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
+  return {**report.machine(), "backend": jax.default_backend(),
           "devices": [str(d) for d in devices], "device_kind": devices[0].device_kind,
           "jax_version": jax.__version__}
 
@@ -52,83 +39,67 @@ def _rows(payload):
   return rows
 
 
-def _normalised(payload):
-  """Whether the scores carry the normalised exact match (rvlm/answers.py); payloads
-  written before it have none, and the tables then leave its column out."""
-  return all("normalised_exact_match" in res for _, res in _rows(payload))
-
-
 def table(payload):
   """The compact summary printed to stdout."""
-  norm = _normalised(payload)
   lines = [f"{payload['split']}: {payload['num_examples']} examples, step {payload['step']}, "
            f"greedy, max {payload['max_new_tokens']} new tokens",
-           f"{'':<24} {'exact':>6} " + (f"{'norm.':>6} " if norm else "")
-           + f"{'F1':>6} {'ms/token':>9} {'tokens/s':>9} {'steps/token':>11}"]
+           f"{'':<24} {'exact':>6} {'norm.':>6} {'F1':>6} {'ms/token':>9} {'tokens/s':>9} "
+           f"{'steps/token':>11}"]
   for label, res in _rows(payload):
     lines.append(f"{label:<24} {res['exact_match']:>6.3f} "
-                 + (f"{res['normalised_exact_match']:>6.3f} " if norm else "")
-                 + f"{res['f1']:>6.3f} {res['ms_per_token']:>9.2f} "
+                 f"{res['normalised_exact_match']:>6.3f} {res['f1']:>6.3f} {res['ms_per_token']:>9.2f} "
                  f"{res['tokens_per_s']:>9.1f} {res['mean_steps_per_token']:>11.2f}")
-  if norm and "normalised_majority_baseline" in payload:
-    lines.append(f"majority normalised answer: {payload['normalised_majority_baseline']:.3f}")
+  lines.append(f"majority normalised answer: {payload['normalised_majority_baseline']:.3f}")
   return "\n".join(lines)
 
 
 def _breakdown(payload, key, title):
-  """Exact match per group and depth; 'strict / normalised' when both are there."""
-  norm = _normalised(payload)
+  """Exact match per group and depth, 'strict / normalised'."""
   depths = sorted(payload["by_depth"], key=int)
   groups = sorted({g for d in depths for g in payload["by_depth"][d][key]},
                   key=lambda g: (int(g) if g.isdigit() else g))
   if not groups:
     return []
-  lines = [f"## Exact match by {title}" + (" (strict / normalised)" if norm else ""), "",
+  lines = [f"## Exact match by {title} (strict / normalised)", "",
            f"| {title} | n | " + " | ".join(f"r = {d}" for d in depths) + " |",
            "|---|---|" + "---|" * len(depths)]
   for g in groups:
     n = next(payload["by_depth"][d][key][g]["num_examples"] for d in depths)
     parts = [payload["by_depth"][d][key][g] for d in depths]
-    cells = [f"{p['exact_match']:.3f}" + (f" / {p['normalised_exact_match']:.3f}" if norm else "")
-             for p in parts]
+    cells = [f"{p['exact_match']:.3f} / {p['normalised_exact_match']:.3f}" for p in parts]
     lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
   return lines + [""]
 
 
 def markdown(payload):
   m = payload["machine"]
-  norm = _normalised(payload)
-  nc = lambda res: f" {res['normalised_exact_match']:.3f} |" if norm else ""  # noqa: E731
   lines = [f"# Generated answers: {payload['split']} split, step {payload['step']}", "",
            f"{payload['num_examples']} examples, greedy decoding, at most "
            f"{payload['max_new_tokens']} new tokens, batch {payload['batch_size']}; trained "
            f"depth R = {payload['trained_depth']}. Exact match: the generated answer equals "
            "the reference and ends with eos. F1: bag-of-tokens (SQuAD-style). Latency: "
            "wall time of generate (prefill included, compile excluded) per generated token, "
-           f"batch-amortised, on {m['cpu']} ({m['cpu_count']} cores, {m['device_kind']})."]
-  if norm:
-    baseline = payload.get("normalised_majority_baseline")
-    lines += ["", "Normalised: both answers decoded to text and compared after the VQA v2 "
-              "answer processing (lower case, no punctuation but a number's decimal "
-              "point, no articles, number words as digits; rvlm/answers.py), so that "
-              "\"Yes.\" equals \"yes\"; the answer must still end with eos."
-              + ("" if baseline is None else " Always giving the most frequent normalised "
-                 f"reference answer scores {baseline:.3f}.")]
-  lines += ["", "| setting | exact match |" + (" normalised |" if norm else "")
-            + " F1 | ms/token | tokens/s | steps/token |",
-            "|---|---|" + ("---|" if norm else "") + "---|---|---|---|"]
+           f"batch-amortised, on {m['processor']} ({m['cpu_count']} cores, {m['device_kind']})."]
+  lines += ["", "Normalised: both answers decoded to text and compared after the VQA v2 "
+            "answer processing (lower case, no punctuation but a number's decimal "
+            "point, no articles, number words as digits; rvlm/answers.py), so that "
+            "\"Yes.\" equals \"yes\"; the answer must still end with eos. Always giving "
+            "the most frequent normalised reference answer scores "
+            f"{payload['normalised_majority_baseline']:.3f}."]
+  lines += ["", "| setting | exact match | normalised | F1 | ms/token | tokens/s | steps/token |",
+            "|---|---|---|---|---|---|---|"]
   for label, res in _rows(payload):
-    lines.append(f"| {label} | {res['exact_match']:.3f} |{nc(res)} {res['f1']:.3f} | "
+    lines.append(f"| {label} | {res['exact_match']:.3f} | "
+                 f"{res['normalised_exact_match']:.3f} | {res['f1']:.3f} | "
                  f"{res['ms_per_token']:.2f} | {res['tokens_per_s']:.1f} | "
                  f"{res['mean_steps_per_token']:.2f} |")
   lines.append("")
   if payload["adaptive"]:
     lines += ["## Adaptive exit at R = {}".format(payload["trained_depth"]), "",
-              "| threshold | exact match |" + (" normalised |" if norm else "")
-              + " mean steps | share of R | ms/token |",
-              "|---|---|" + ("---|" if norm else "") + "---|---|---|"]
+              "| threshold | exact match | normalised | mean steps | share of R | ms/token |",
+              "|---|---|---|---|---|---|"]
     for t, res in sorted(payload["adaptive"].items(), key=lambda x: float(x[0])):
-      lines.append(f"| {t} | {res['exact_match']:.3f} |{nc(res)} "
+      lines.append(f"| {t} | {res['exact_match']:.3f} | {res['normalised_exact_match']:.3f} | "
                    f"{res['mean_steps_per_token']:.2f} | "
                    f"{res['steps_fraction_of_trained']:.2f} | {res['ms_per_token']:.2f} |")
     lines.append("")
@@ -148,9 +119,8 @@ def plot(path, payload):
   x = [int(d) for d in depths]
   ax.plot(x, [r["exact_match"] for r in fixed], marker="o", label="exact match")
   ax.plot(x, [r["f1"] for r in fixed], marker="s", ls="--", label="token F1")
-  if all("normalised_exact_match" in r for r in fixed):
-    ax.plot(x, [r["normalised_exact_match"] for r in fixed], marker="v", ls=":",
-            label="normalised exact match")
+  ax.plot(x, [r["normalised_exact_match"] for r in fixed], marker="v", ls=":",
+          label="normalised exact match")
   ax.set_xticks(x)
   ax.set_xlabel("recursion depth r")
   ax.set_ylabel("accuracy")

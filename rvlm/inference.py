@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from rvlm import checkpointing
+from rvlm.data import llava
 from rvlm.data import preprocess
 from rvlm.data import tokenizers
 from rvlm.models import vlm
@@ -29,7 +30,7 @@ from rvlm.models import vlm
 # Files a folder input reads (lower-cased extension); everything else in it is ignored.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm")
-_PROMPT_ROLES = ("human", "user")  # as rvlm/data/llava.py reads them
+_PROMPT_ROLES = llava._PROMPT_ROLES  # pylint: disable=protected-access
 
 
 class InferenceError(Exception):
@@ -178,26 +179,12 @@ def _record_prompt(rec, where):
 
 
 def _read_json_records(path):
-  """Yields (where, record) from a JSON array or a JSONL file."""
+  """Yields (where, record) of a LLaVA JSON array or JSONL file, read as training reads
+  it (rvlm/data/llava.py), strictly: an unreadable file or line is an InferenceError."""
   try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except (OSError, UnicodeDecodeError) as e:
-    raise InferenceError(f"cannot read {path}: {e}") from None
-  if path.endswith(".jsonl") or not text.lstrip().startswith("["):
-    for lineno, line in enumerate(text.splitlines(), 1):
-      if line.strip():
-        try:
-          yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InferenceError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-    return
-  try:
-    records = json.loads(text)
-  except json.JSONDecodeError as e:
-    raise InferenceError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
-  for k, rec in enumerate(records):
-    yield f"{path}[record {k}]", rec
+    yield from llava._read_records(path, strict=True)  # pylint: disable=protected-access
+  except ValueError as e:  # skips.BadInput is one
+    raise InferenceError(str(e)) from None
 
 
 def read_inputs(path: str | None, prompt: str | None):

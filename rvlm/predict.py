@@ -78,20 +78,25 @@ def _check_flags(fv):
       raise bad("--all_depths and --adaptive exclude each other")
     if not 0 < fv.adaptive <= 1:
       raise bad(f"--adaptive={fv.adaptive} must be a probability threshold in (0, 1]")
-  if fv.stable_steps and (fv.adaptive is None or fv.stable_steps < 2):
-    raise bad(f"--stable_steps={fv.stable_steps}: only with --adaptive, and 0 or >= 2")
+    _adaptive(fv).check()  # the decoder's own checks (stable_steps), before loading
+  if fv.stable_steps and fv.adaptive is None:
+    raise bad(f"--stable_steps={fv.stable_steps}: only with --adaptive")
   if fv.max_new_tokens is not None and fv.max_new_tokens < 1:
     raise bad(f"--max_new_tokens={fv.max_new_tokens} must be >= 1 (it counts the eos)")
-  if fv.temperature < 0:
-    raise bad(f"--temperature={fv.temperature} must be >= 0 (0: greedy)")
-  if fv.top_k < 0:
-    raise bad(f"--top_k={fv.top_k} must be >= 0 (0: off)")
-  if not 0 < fv.top_p <= 1:
-    raise bad(f"--top_p={fv.top_p} must be in (0, 1]")
+  _sampling(fv).check()
   if fv.batch_size < 1:
     raise bad(f"--batch_size={fv.batch_size} must be >= 1")
   if fv.step is not None and fv.step < 0:
     raise bad(f"--step={fv.step} must be >= 0")
+
+
+def _sampling(fv):
+  return decode.Sampling(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p)
+
+
+def _adaptive(fv):
+  return (None if fv.adaptive is None
+          else decode.Adaptive(threshold=fv.adaptive, stable_steps=fv.stable_steps))
 
 
 def _depths(fv, config):
@@ -129,9 +134,7 @@ def _chunks(n, size):
 def _decode_all(fv, loaded, inputs, depths, max_new, width):
   """One row per input: its answer at every depth (and the steps used, if adaptive)."""
   tok = loaded.tokenizer
-  sampling = decode.Sampling(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p)
-  adaptive = (None if fv.adaptive is None
-              else decode.Adaptive(threshold=fv.adaptive, stable_steps=fv.stable_steps))
+  sampling, adaptive = _sampling(fv), _adaptive(fv)
   rng = jax.random.PRNGKey(fv.seed)
   batch_size = min(fv.batch_size, len(inputs))
   rows = []
@@ -233,7 +236,7 @@ def main(argv=None):
       raise inference.InferenceError(f"unexpected arguments: {' '.join(rest[1:])}")
     return predict(fv)
   except (inference.InferenceError, ValueError, flags.Error) as e:
-    # ValueError: config checks (an invalid field of the checkpoint's config).
+    # ValueError: config checks, and the decoder's checks of the sampling and exit flags.
     print(f"{_PROG}: error: " + " ".join(str(e).split()), file=sys.stderr)
     sys.exit(2)
   finally:

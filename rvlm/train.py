@@ -290,24 +290,19 @@ def add_generated_exact_match(config, model, params, batches, result, family_nam
                             tokenizer=data_lib.get_tokenizer(config.data), step=0,
                             workdir="")
   max_new = generation_eval.default_max_new_tokens(batches, loaded.tokenizer.eos_id)
-  refs = generation_eval.references(batches, loaded.tokenizer.eos_id)
   logging.info("generated exact match: decoding %s (%s, depths 1..%d, up to %d new tokens)",
                split, _eval_size(batches), eval_depth(config), max_new)
-  fams = np.concatenate([b["family"][b["example_mask"] > 0] for b in batches])
-  hops = np.concatenate([b["hops"][b["example_mask"] > 0] for b in batches])
-  em, f1, norm = {}, {}, {}
-  for r in range(1, eval_depth(config) + 1):
-    gen = generation_eval.run(loaded, batches, depth=r, max_new_tokens=max_new)
-    scored = generation_eval.score(gen, refs, fams, hops, family_names,
-                                   tokenizer=loaded.tokenizer)
-    em[str(r)], f1[str(r)] = scored["exact_match"], scored["f1"]
-    norm[str(r)] = scored["normalised_exact_match"]
+  out = generation_eval.evaluate(loaded, batches, depths=range(1, eval_depth(config) + 1),
+                                 thresholds=(), max_new_tokens=max_new,
+                                 family_names=family_names)
+  field = lambda key: {d: res[key] for d, res in out["by_depth"].items()}  # noqa: E731
+  em = field("exact_match")
   result["generated_exact_match_by_depth"] = em
-  result["generated_f1_by_depth"] = f1
+  result["generated_f1_by_depth"] = field("f1")
   # Free-text answers: VQA-style normalisation (case, punctuation, articles, number
   # words; rvlm/answers.py), with the majority baseline computed the same way.
-  result["normalised_exact_match_by_depth"] = norm
-  result["normalised_majority_baseline"] = scored["normalised_majority_baseline"]
+  result["normalised_exact_match_by_depth"] = field("normalised_exact_match")
+  result["normalised_majority_baseline"] = out["normalised_majority_baseline"]
   logging.info("generated (greedy) exact match by depth %s",
                {d: round(a, 4) for d, a in em.items()})
 
