@@ -5,10 +5,12 @@ logical axis rules, params created already sharded, a jitted state-donating step
 Resume order: the workdir's latest good checkpoint > config.init_from (params only) >
 fresh init.
 """
+import dataclasses
 import functools
 import os
 import signal
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +108,49 @@ def init_train_state(rng, *, model, tx, config):
           "step": jnp.zeros((), jnp.int32), "rng": state_rng}
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """What `build_train_step` makes: the trainer's step and the state it runs on.
+
+  `abstract` holds ShapeDtypeStructs carrying `.sharding` (no array is created);
+  `train_fn(state, batch) -> (state, metrics)` is jitted with the state donated.
+  """
+  model: Any
+  tx: Any
+  lr_schedule: Callable
+  init_state: Callable      # rng -> boxed train state (see init_train_state)
+  rng: Any                  # the key `abstract` was derived from; init_state(rng) = state
+  abstract: Any
+  state_shardings: Any
+  batch_sharding: Any
+  train_fn: Callable
+
+
+def build_train_step(config, mesh, rules):
+  """The model, optimizer, state shardings and jitted train step for `config` on `mesh`.
+
+  Creates no arrays beyond the PRNG key: the trainer initialises or restores the state
+  itself, and rvlm.compile_check lowers `train_fn` on `abstract` alone, so both use
+  exactly this step.
+  """
+  model = vlm.make_model(config.model)
+  tx, lr_schedule = optim.make_optimizer(config.optim, int(config.train.total_steps))
+  init_state = functools.partial(init_train_state, model=model, tx=tx, config=config)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract, state_shardings = sharding_lib.abstract_state_and_shardings(init_state, mesh, rules, rng)
+  repl = sharding_lib.replicated(mesh)
+  batch_sharding = sharding_lib.data_sharding(mesh)
+  train_fn = jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, lr_schedule=lr_schedule,
+                        loss_cfg=config.loss, accum=config.train.grad_accum_steps,
+                        skip_nonfinite=config.train.nan_policy == "skip"),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, repl),
+      donate_argnums=(0,))
+  return TrainStep(model=model, tx=tx, lr_schedule=lr_schedule, init_state=init_state,
+                   rng=rng, abstract=abstract, state_shardings=state_shardings,
+                   batch_sharding=batch_sharding, train_fn=train_fn)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains per `config`, evaluating every depth periodically and at the end.
 
@@ -141,15 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     return sharding_lib.make_global_batch(local, mesh)
   use_curriculum = data_lib.curriculum.check_config(config) is not None
 
-  # ---- model and optimizer -------------------------------------------------------
-  model = vlm.make_model(config.model)
-  tx, lr_schedule = optim.make_optimizer(config.optim, total_steps)
-
-  init_state = functools.partial(init_train_state, model=model, tx=tx, config=config)
-
-  # ---- shardings -----------------------------------------------------------------
-  rng = jax.random.PRNGKey(config.seed)
-  abstract, state_shardings = sharding_lib.abstract_state_and_shardings(init_state, mesh, rules, rng)
+  # ---- model, optimizer, shardings and train step --------------------------------
+  built = build_train_step(config, mesh, rules)
+  model, tx, train_fn = built.model, built.tx, built.train_fn
+  abstract, state_shardings = built.abstract, built.state_shardings
   _, param_count = metrics_lib.log_parameter_overview(abstract["params"])
   logging.info("parameters: %d", param_count)
 
@@ -162,7 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, first_step)
   else:
-    state = sharding_lib.init_sharded(init_state, state_shardings, mesh, rules, rng)
+    state = sharding_lib.init_sharded(built.init_state, state_shardings, mesh, rules,
+                                      built.rng)
     first_step = 0
     if config.init_from:
       params = checkpointing.load_params(config.init_from, abstract["params"],
@@ -172,15 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                    opt_state=jax.jit(tx.init, out_shardings=state_shardings["opt_state"])(params))
       logging.info("initialised params from %s", config.init_from)
 
-  # ---- step functions ------------------------------------------------------------
-  repl = sharding_lib.replicated(mesh)
-  batch_sharding = sharding_lib.data_sharding(mesh)
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, lr_schedule=lr_schedule,
-                        loss_cfg=config.loss, accum=config.train.grad_accum_steps,
-                        skip_nonfinite=config.train.nan_policy == "skip"),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, repl),
-      donate_argnums=(0,))
+  # ---- evaluation step -----------------------------------------------------------
+  repl, batch_sharding = sharding_lib.replicated(mesh), built.batch_sharding
   trained_depth = int(config.model.recursion.num_steps)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model,
                                       num_steps=eval_depth(config)),
