@@ -143,7 +143,10 @@ def get_config(arg=None):
   ))
 
   # ---- sharding ----------------------------------------------------------------
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # data x fsdp x tensor devices (one may be -1: the rest). Multi-slice TPU: dcn_data =
+  # number of slices; the three sizes then describe one slice and 'data' also spans
+  # the slices (rvlm/sharding.make_mesh). `python -m rvlm.compile_check` sizes a mesh.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1))
 
   c.init_from = ""         # params-only initialisation from another workdir's checkpoint
   # Regexes of param paths that may be absent from the init_from checkpoint and keep

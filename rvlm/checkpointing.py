@@ -26,6 +26,8 @@ import os
 import re
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
@@ -68,9 +70,35 @@ def _encode_data_state(data_state):
 def _decode_data_state(obj):
   if obj is None or obj["kind"] == "none":
     return None
+  if obj["kind"] == "processes":  # one state per process (see _all_processes)
+    states, count = obj["value"], jax.process_count()
+    if len(states) != count:
+      logging.warning("checkpoint: the data iterator state was saved by %d processes and "
+                      "this run has %d; the input stream restarts from its beginning (the "
+                      "model state is restored)", len(states), count)
+      return None
+    return _decode_data_state(states[jax.process_index()])
   if obj["kind"] == "bytes":
     return base64.b64decode(obj["value"])
   return obj["value"]
+
+
+def _all_processes(encoded):
+  """Every process's encoded data state, gathered into each process.
+
+  Orbax writes JSON items from the primary process only, but each process has its own
+  position in its own shard of the stream (bad rows are skipped per process), so the
+  item holds them all and each process restores its own.
+  """
+  if jax.process_count() == 1:
+    return encoded
+  text = np.frombuffer(json.dumps(encoded).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(text.size))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[:text.size] = text
+  rows = multihost_utils.process_allgather(padded)
+  return {"kind": "processes",
+          "value": [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]}
 
 
 def _shapes_by_path(tree):
@@ -151,7 +179,7 @@ class Checkpointer:
       return False
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(_encode_data_state(data_state)),
+        data=ocp.args.JsonSave(_all_processes(_encode_data_state(data_state))),
         meta=ocp.args.JsonSave(dict(self._meta, step=step)))
     return self._manager.save(step, args=args, force=force)
 

@@ -43,7 +43,7 @@ def evaluate_split(eval_fn, params, batches, mesh, family_names):
   'cka_with_e0_by_depth', 'num_examples', 'majority_baseline'}; depths are '1'..'R'
   strings (JSON keys), R being the depth eval_fn runs (config.eval.max_depth).
   """
-  exact, fams, hops = [], [], []
+  exact, fams, hops, answer_rows = [], [], [], []
   sums = collections.defaultdict(float)
   cka, cka_n = 0.0, 0
   gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))  # noqa: E731
@@ -51,7 +51,8 @@ def evaluate_split(eval_fn, params, batches, mesh, family_names):
     batch = sharding_lib.make_global_batch(b, mesh)
     out = {k: gather(v) for k, v in eval_fn(params, batch).items()}
     # Every process sees every row of the global batch, so all compute the same result.
-    keep = gather(batch["example_mask"]) > 0
+    answer_rows.append({k: gather(batch[k]) for k in ("tokens", "mask_loss", "example_mask")})
+    keep = answer_rows[-1]["example_mask"] > 0
     exact.append(out["exact"][:, keep])
     fams.append(gather(batch["family"])[keep])
     hops.append(gather(batch["hops"])[keep])
@@ -76,7 +77,7 @@ def evaluate_split(eval_fn, params, batches, mesh, family_names):
       "input_norm_by_depth": dict(zip(depths, (sums["input_norm_sum"] / max(sums["real_tokens"], 1)).tolist())),
       "hidden_norm_by_depth": dict(zip(depths, (sums["hidden_norm_sum"] / max(sums["real_text_tokens"], 1)).tolist())),
       "cka_with_e0_by_depth": dict(zip(depths, (cka / max(cka_n, 1)).tolist())),
-      "majority_baseline": majority_baseline(batches),
+      "majority_baseline": majority_baseline(answer_rows),
   }
 
 

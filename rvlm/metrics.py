@@ -102,6 +102,12 @@ def _as_image(img):
   return img, formats[img.ndim]
 
 
+def _ends_with_newline(path):
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 class MetricWriter:
   """clu-style writer: `workdir/metrics.jsonl` plus TensorBoard events in `workdir/tb`.
 
@@ -116,7 +122,10 @@ class MetricWriter:
     self._jsonl = self._tb = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, "metrics.jsonl")
+      self._jsonl = open(path, "a")
+      if self._jsonl.tell() and not _ends_with_newline(path):  # a killed run's last line
+        self._jsonl.write("\n")
       self._tb = SummaryWriter(logdir=os.path.join(workdir, "tb"))
 
   def write_scalars(self, step, scalars):
@@ -170,9 +179,22 @@ class MetricWriter:
 
 
 def read_jsonl(path):
-  """The list of objects in a metrics.jsonl file."""
+  """The list of objects in a metrics.jsonl file, oldest first.
+
+  A resumed run appends to the file, so a step may appear twice (the killed run's row,
+  then the resumed one's: the later is the trajectory kept). A line cut short by a
+  kill is skipped with a warning.
+  """
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        logging.warning("%s:%d: skipping an unreadable line (a write cut short?)", path, n)
+  return rows
 
 
 # ---- progress ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from absl import logging
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -79,13 +80,38 @@ def _mesh_shape(mesh_config, num_devices):
   return tuple(sizes)
 
 
+def _granules(devices):
+  """Groups of devices joined by fast links (ICI): TPU slices, else processes (hosts)."""
+  if all(getattr(d, "slice_index", None) is not None for d in devices):
+    return "slices", len({d.slice_index for d in devices})
+  return "processes", len({d.process_index for d in devices})
+
+
 def make_mesh(mesh_config, devices=None):
-  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices)."""
+  """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices).
+
+  Multi-slice (config.mesh.dcn_data = number of slices > 1): data, fsdp and tensor
+  describe one slice, and the 'data' axis is extended across slices, so only the
+  data-parallel gradient reduction crosses the slow data-centre network (DCN). The
+  mesh axes stay the same three, so the logical rules need no change.
+  """
   devices = jax.devices() if devices is None else list(devices)
-  shape = _mesh_shape(mesh_config, len(devices))
+  dcn = int(mesh_config.get("dcn_data", 1))
+  if dcn < 1 or len(devices) % dcn:
+    raise ValueError(f"config.mesh.dcn_data={dcn} must be >= 1 and divide the device "
+                     f"count {len(devices)}")
+  shape = _mesh_shape(mesh_config, len(devices) // dcn)
   # Auto, not the Explicit default: explicit axes break flax logical partitioning.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  axis_types = (jax.sharding.AxisType.Auto,) * 3
+  if dcn == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  kind, count = _granules(devices)
+  if count != dcn:
+    raise ValueError(f"config.mesh.dcn_data={dcn}, but the devices form {count} {kind}: "
+                     "set it to the number of slices (or hosts)")
+  grid = mesh_utils.create_hybrid_device_mesh(
+      shape, (dcn, 1, 1), devices, process_is_granule=kind == "processes")
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def rules_from_config(mesh_config):
