@@ -53,6 +53,7 @@ PROG=launch/tpu/tpu.sh
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SUBCOMMANDS="create setup run logs status stop delete"
 REMOTE_DIR="rvlm"  # under the home directory of each host
+# shellcheck disable=SC2088  # expanded by the shell on each host
 VENV="~/rvlm-venv"  # the hosts' Python environment, made by setup
 
 # shellcheck source=launch/common.sh
