@@ -82,8 +82,10 @@ def _mesh_shape(mesh_config, num_devices):
 
 def _granules(devices):
   """Groups of devices joined by fast links (ICI): TPU slices, else processes (hosts)."""
-  if all(getattr(d, "slice_index", None) is not None for d in devices):
-    return "slices", len({d.slice_index for d in devices})
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  if None not in slices and len(slices) > 1:
+    return "slices", len(slices)
+  # One slice (CPU and GPU devices report slice 0): hosts are the granules.
   return "processes", len({d.process_index for d in devices})
 
 

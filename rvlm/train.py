@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from absl import logging
@@ -37,16 +38,27 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopSignal:
-  """SIGTERM / SIGINT set a flag; the loop then saves a checkpoint and exits cleanly."""
+  """SIGTERM / SIGINT: the loop saves a checkpoint and exits cleanly.
+
+  One process: Python handlers set a flag. Several processes must stop at the same
+  step (the save is collective), though a signal may reach only some of them: JAX's
+  preemption service (started by jax.distributed.initialize) catches SIGTERM in any
+  process and agrees on a step where all stop (`reached_preemption_sync_point`). A
+  Python SIGTERM handler would replace its own, so there only SIGINT gets one, which
+  passes the signal on as SIGTERM.
+  """
 
   def __init__(self):
     self.received = None
     self._previous = {}
+    self._several = jax.process_count() > 1
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handlers = ({signal.SIGINT: self._to_sigterm} if self._several else
+                {signal.SIGTERM: self._handle, signal.SIGINT: self._handle})
+    for sig, handler in handlers.items():
       try:
-        self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous[sig] = signal.signal(sig, handler)
       except ValueError:  # not the main thread (e.g. some test runners): no handler
         pass
     return self
@@ -54,6 +66,18 @@ class _StopSignal:
   def _handle(self, signum, _):
     self.received = signal.Signals(signum).name
     logging.warning("received %s: saving a checkpoint and stopping", self.received)
+
+  def _to_sigterm(self, *_):
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  def check(self, step):
+    """The signal's name once every process is to stop at `step`, else None."""
+    if (self.received is None and self._several
+        and multihost_utils.reached_preemption_sync_point(step)):
+      self.received = "SIGTERM"
+      logging.warning("a process received SIGTERM: all save a checkpoint at step %d and "
+                      "stop", step)
+    return self.received
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -272,8 +296,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       progress(step, ready=step_metrics)
       if use_curriculum and train_iter.due(step):  # before any save: the level is data state
         check_curriculum(step)
+      stopping = stop.check(step)
       save_now = (step % config.train.checkpoint_every == 0 or step == total_steps
-                  or stop.received)
+                  or stopping)
       if step % config.train.log_every == 0 or step == total_steps or save_now:
         scalars = metrics_lib.compute_metrics(acc)
         if scalars["nonfinite"] > 0:  # checked before any save: never save a NaN state
@@ -292,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         ckpt.save(step, state, train_iter.get_state(), force=True)
       if step % config.train.eval_every == 0 and step != total_steps:
         run_evals(step)
-      if stop.received:
+      if stopping:
         ckpt.close()
         writer.close()
         logging.info("stopped by %s at step %d; checkpoint saved", stop.received, step)
