@@ -10,7 +10,7 @@ pass to JAX.
 Where the settings come from (the first that applies):
   1. flags of rvlm.main: --coordinator_address=HOST:PORT --num_processes=N --process_id=I
   2. the environment: RVLM_COORDINATOR_ADDRESS, RVLM_NUM_PROCESSES, RVLM_PROCESS_ID
-     (launch/local.py and launch/slurm/rvlm.sbatch set these)
+     (launch/local.py sets these; launch/slurm/rvlm.sbatch passes the flags)
   3. JAX's own cluster detection (Cloud TPU pod metadata, SLURM, Open MPI, ...), with
      --distributed=on (launch/tpu/tpu.sh passes it), or with 'auto' when the
      environment says this is one of several tasks (SLURM_NTASKS > 1, a TPU pod's
