@@ -129,6 +129,8 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, reference)
 
   got, want = _losses(workdir), _losses(reference)
   assert sorted(got) == list(range(1, total + 1))
+  print(f"killed after step {latest}, resumed to {total}: largest relative loss difference "
+        f"{max(abs(got[s] / want[s] - 1) for s in got):.1e}")
   np.testing.assert_allclose([got[s] for s in sorted(got)],
                              [want[s] for s in sorted(got)], rtol=LOSS_RTOL)
   # Only process 0 writes the run's files.
@@ -166,6 +168,7 @@ def test_a_dead_peer_stops_the_survivor(tmp_path, reference):
   killed_at = time.time()
   rc = job.wait(timeout=SURVIVOR_BOUND_S + 120)
   took = time.time() - killed_at
+  print(f"survivor stopped {took:.1f} s after its peer was killed (heartbeat {HEARTBEAT_S} s)")
   assert rc != 0
   survivor = job.launcher_says(r"process 0 exited with (.*) after")
   assert survivor and survivor[0].group(1) != "code 0"
