@@ -1,0 +1,1 @@
+"""Sweep files for `python -m rvlm.sweep` (the schema: rvlm/sweep.py)."""
