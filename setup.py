@@ -26,7 +26,8 @@ setuptools.setup(
         "absl-py>=2.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        # xdist: the README's test command runs two workers (one per core of a CI machine).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
         # An independent reference framework for numerical parity tests.
         "oracle": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.4"],
     },
