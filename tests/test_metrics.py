@@ -140,7 +140,9 @@ def test_progress_reporter_logs_first_step_then_by_interval_or_log_every(caplog)
     now[0] = t
     out = _Outputs()
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    # The absl logger's own level too: a CLI run in this process may have lowered its
+    # verbosity (absl.logging.set_verbosity).
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
       progress(step, ready=out)
     return [r.getMessage() for r in caplog.records if f"step {step}/100" in r.getMessage()], \
         out.waits

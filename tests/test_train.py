@@ -193,7 +193,13 @@ def test_sigterm_then_kill9_resume_matches_uninterrupted(uninterrupted, tmp_path
     np.testing.assert_array_equal(a, b)
   rows_a, rows_b = rows_by_step(uninterrupted), rows_by_step(workdir)
   assert sorted(rows_a) == sorted(rows_b)
+  # SIGTERM stops at whatever step it arrives. Off a log_every (2) boundary, the resumed
+  # run's first logged window starts there and is shorter than the uninterrupted one's,
+  # so that one row averages fewer steps (the trainer warns of this for checkpoints).
+  split_window = saved + 1 if saved % 2 else None
   for step in rows_a:
+    if step == split_window:
+      continue
     for key in ("loss", "loss/r1", "loss/r2", "accuracy/r2", "grad_norm"):
       assert rows_a[step][key] == rows_b[step][key], (step, key)
 

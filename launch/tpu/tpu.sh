@@ -138,9 +138,10 @@ SSH=(gcloud compute tpus tpu-vm ssh "$NAME" "${GCLOUD_SCOPE[@]}")
 # shellcheck disable=SC2088  # the ~ is expanded by the shell on each host
 LOG="~/rvlm_$NAME.log" PIDFILE="~/rvlm_$NAME.pid"
 # On each host: whether a pid is a live rvlm.main (not a zombie, nor a pid reused after a
-# reboot left a stale pid file behind).
+# reboot left a stale pid file behind). -ww: the whole command line, which ps would
+# otherwise cut to $COLUMNS characters when that is set.
 # shellcheck disable=SC2016  # expanded on the host
-ALIVE='alive() { case "$(ps -o args= -p "$1" 2>/dev/null)" in *rvlm.main*) return 0 ;; esac; return 1; }'
+ALIVE='alive() { case "$(ps -ww -o args= -p "$1" 2>/dev/null)" in *rvlm.main*) return 0 ;; esac; return 1; }'
 
 # ---- subcommands -------------------------------------------------------------------
 case "$CMD" in
