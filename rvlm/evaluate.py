@@ -13,7 +13,6 @@ It writes W/eval/generation_<split>.{json,md,png} and prints a table.
 import collections
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -22,6 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from rvlm import sharding as sharding_lib
+from rvlm.utils import cli
 
 
 def majority_baseline(batches):
@@ -214,25 +214,15 @@ def run_cli(fv):
 
 def main(argv):
   """`argv` is the whole command line (program name first), flags included."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  try:
-    rest = fv(argv)
-    if len(rest) > 1:
-      raise _BadInput(f"unexpected arguments: {' '.join(rest[1:])}")
-    run_cli(fv)
-  except (_BadInput, flags.Error) as e:
-    print("rvlm.evaluate: error: " + " ".join(str(e).split()), file=sys.stderr)
-    sys.exit(2)
+  return cli.run_own_flags(argv, prog="rvlm.evaluate", define_flags=define_flags,
+                           run=run_cli, errors=(_BadInput,))
 
 
 def _global_flags_parser(argv):
-  """app.run's parser: the global absl flags get only the program name, so that the
-  whole command line reaches main's own FlagValues. Library logs are cut to errors:
-  orbax logs every restore at INFO, and stderr is for this tool's one-line errors."""
-  flags.FLAGS(argv[:1])
+  """Library logs are cut to errors: orbax logs every restore at INFO, and stderr is for
+  this tool's one-line errors."""
   logging.set_verbosity(logging.ERROR)
-  return argv
+  return cli.program_name_only(argv)
 
 
 if __name__ == "__main__":

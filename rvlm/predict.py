@@ -27,6 +27,7 @@ import numpy as np
 
 from rvlm import decode
 from rvlm import inference
+from rvlm.utils import cli
 
 _PROG = "rvlm.predict"
 
@@ -243,16 +244,9 @@ def main(argv=None):
     logging.set_verbosity(verbosity)
 
 
-def _global_flags_parser(argv):
-  """app.run's parser: the global absl flags get only the program name, so that the
-  whole command line reaches main's own FlagValues."""
-  flags.FLAGS(argv[:1])
-  return argv
-
-
 def _app_main(argv):
   main(argv)
 
 
 if __name__ == "__main__":
-  app.run(_app_main, flags_parser=_global_flags_parser)
+  app.run(_app_main, flags_parser=cli.program_name_only)

@@ -50,7 +50,6 @@ import io
 import json
 import os
 import shlex
-import sys
 import time
 
 from absl import app
@@ -63,6 +62,7 @@ from rvlm import metrics
 from rvlm import train
 from rvlm.sweep_plan import LAUNCHERS, SweepError
 from rvlm.sweep_plan import load_sweep_file, overrides_text, plan, run_workdir, script
+from rvlm.utils import cli
 
 RESULTS, INFO = "results.json", "run_info.json"
 TABLE_MD, TABLE_CSV = "sweep.md", "sweep.csv"
@@ -316,25 +316,10 @@ def run_cli(fv):
 
 def main(argv):
   """`argv` is the whole command line (program name first), flags included."""
-  fv = flags.FlagValues()
-  define_flags(fv)
-  try:
-    rest = fv(argv)
-    if len(rest) > 1:
-      raise SweepError(f"unexpected arguments: {' '.join(rest[1:])}")
-    run_cli(fv)
-  except (SweepError, flags.Error) as e:
-    print("rvlm.sweep: error: " + " ".join(str(e).split()), file=sys.stderr)
-    sys.exit(2)
-
-
-def _global_flags_parser(argv):
-  """app.run's parser: the global absl flags get only the program name, so that the
-  whole command line reaches main's own FlagValues."""
-  flags.FLAGS(argv[:1])
-  return argv
+  return cli.run_own_flags(argv, prog="rvlm.sweep", define_flags=define_flags, run=run_cli,
+                           errors=(SweepError,))
 
 
 if __name__ == "__main__":
   metrics.quiet_library_logs()
-  app.run(main, flags_parser=_global_flags_parser)
+  app.run(main, flags_parser=cli.program_name_only)
