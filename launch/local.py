@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -67,11 +68,7 @@ def process_env(base, index, args, port):
 def commands(args, port):
   """[(env changes, argv)] per process: what --dry_run prints and what is started."""
   argv = [args.python, "-m", args.module, *args.command]
-  out = []
-  for i in range(args.num_processes):
-    env = process_env({}, i, args, port)
-    out.append((env, argv))
-  return out
+  return [(process_env({}, i, args, port), argv) for i in range(args.num_processes)]
 
 
 def _pump(stream, tag, log):
@@ -89,7 +86,7 @@ def _describe(code):
 def run(args, port):
   os.makedirs(args.log_dir, exist_ok=True)
   procs, pumps, logs = [], [], []
-  for i, (changes, argv) in enumerate(commands(args, port)):
+  for i, (_, argv) in enumerate(commands(args, port)):
     env = process_env(os.environ, i, args, port)
     log = open(os.path.join(args.log_dir, f"process_{i}.log"), "w")
     p = subprocess.Popen(argv, env=env, cwd=args.cwd, stdout=subprocess.PIPE,
@@ -179,7 +176,6 @@ def main(argv):
       print(f"cd {shlex.quote(args.cwd)} && env {env} {shlex.join(cmd)}")
     return 0
   if args.log_dir is None:
-    import tempfile  # pylint: disable=g-import-not-at-top
     args.log_dir = tempfile.mkdtemp(prefix="rvlm_local_")
   print(f"launch/local.py: {args.num_processes} processes, coordinator 127.0.0.1:{port}, "
         f"logs in {args.log_dir}", flush=True)
