@@ -2,10 +2,10 @@
 
   python benchmarks/train_step.py --config=configs/base.py [--config.model.recursion.num_steps=1]
 
-Runs on synthetic batches of the config's shapes (no data pipeline), so it isolates the
-model + optimizer; compare with benchmarks/data_throughput.py for the input side.
+Runs the trainer's own step (rvlm.train.build_train_step) on synthetic batches of the
+config's shapes (no data pipeline), so it isolates the model + optimizer; compare with
+benchmarks/data_throughput.py for the input side.
 """
-import functools
 import os
 import sys
 import time
@@ -17,9 +17,7 @@ from flax import linen as nn
 from ml_collections import config_flags
 import numpy as np
 
-from rvlm import optim
 from rvlm import sharding as sharding_lib
-from rvlm import steps
 from rvlm import train
 from rvlm.models import vlm
 
@@ -48,18 +46,12 @@ def main(_):
   config = FLAGS.config
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config.mesh)
-  model = vlm.make_model(config.model)
-  tx, lr = optim.make_optimizer(config.optim, config.train.total_steps)
   b = config.data.batch_size
-
-  init_state = functools.partial(train.init_train_state, model=model, tx=tx, config=config)
-
-  rng = jax.random.PRNGKey(0)
-  _, shardings = sharding_lib.abstract_state_and_shardings(init_state, mesh, rules, rng)
-  state = sharding_lib.init_sharded(init_state, shardings, mesh, rules, rng)
-  fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, lr_schedule=lr,
-                                 loss_cfg=config.loss, accum=config.train.grad_accum_steps),
-               donate_argnums=(0,))
+  # The trainer's own step: same shardings, donation and nan policy as rvlm.main.
+  built = train.build_train_step(config, mesh, rules)
+  state = sharding_lib.init_sharded(built.init_state, built.state_shardings, mesh, rules,
+                                    built.rng)
+  fn = built.train_fn
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = sharding_lib.make_global_batch(synthetic_batch(config, b), mesh)
     t0 = time.perf_counter()
