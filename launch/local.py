@@ -21,7 +21,6 @@ for a signal N).
 """
 import argparse
 import os
-import re
 import shlex
 import signal
 import socket
@@ -49,15 +48,8 @@ def process_env(base, index, args, port):
     env["RVLM_HEARTBEAT_TIMEOUT_S"] = str(args.heartbeat_timeout_s)
   if args.platform == "cpu":
     env["JAX_PLATFORMS"] = "cpu"
+    # Wins over a simulated device count in XLA_FLAGS (e.g. a test session's 8).
     env["JAX_NUM_CPU_DEVICES"] = str(args.devices_per_process)
-    # A simulated device count inherited from the caller (e.g. a test session's 8)
-    # would override the per-process count.
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
-                   env.get("XLA_FLAGS", "")).strip()
-    if flags:
-      env["XLA_FLAGS"] = flags
-    else:
-      env.pop("XLA_FLAGS", None)
   else:
     first = index * args.devices_per_process
     env["CUDA_VISIBLE_DEVICES"] = ",".join(
