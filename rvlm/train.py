@@ -30,6 +30,7 @@ from rvlm import metrics as metrics_lib
 from rvlm import optim
 from rvlm import sharding as sharding_lib
 from rvlm import steps
+from rvlm.convert import recursify
 from rvlm.models import vlm
 
 
@@ -181,6 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   Returns the final results dict (also written to workdir/results.json).
   """
   os.makedirs(workdir, exist_ok=True)
+  # A pretrained (imported) model: its architecture and tokenizer come from init_from.
+  config = recursify.resolve_from_init(config)
   # Own data: tokenizer 'auto' and seq_len 0 are settled from the data, once per workdir.
   config = data_lib.resolve.resolve(config, workdir)
   check_config(config)
