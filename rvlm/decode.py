@@ -18,6 +18,8 @@ Cache: k, v [r, L, B, slots, K, D]; slots = image tokens + T prompt slots + one 
 token. The prompt's padding slots are never visible and RoPE positions count real
 tokens only, so every row decodes as it would alone, and as the trainer's forward pass
 sees the same text with the padding in the middle (`recompute_logits`, the reference).
+Under config.model.attention='causal' the prompt (image included) is prefilled
+causally; a new token sees every earlier slot either way.
 
 Adaptive exit (`Adaptive`): a generated token stops recursing at the first step s whose
 top probability reaches `threshold`, or (stable_steps = n >= 2) whose argmax has been
@@ -166,7 +168,9 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
                              index, num_image_tokens)
 
   def prefill(params, batch, slots):
-    # The whole prompt is the prefix (full attention), as in the trainer's layout.
+    # The whole prompt is the prefix (full attention), as in the trainer's layout; under
+    # config.model.attention='causal' embed_inputs ignores this and returns mask_ar = 1
+    # everywhere, so the prompt is causal, as in the forward pass the trainer runs.
     batch = dict(batch, mask_ar=jnp.zeros_like(batch["tokens"]))
     e0, input_mask, mask_ar = model.apply({"params": params}, batch,
                                           method=vlm.VLM.embed_inputs)

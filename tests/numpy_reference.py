@@ -17,6 +17,18 @@ Parameters are read from the flax param tree (converted to float64 numpy with
   attention (decoder and ViT, only when the option is on) q_norm / k_norm scale
             [L, head_dim] (qk_norm), logit_scale [L, heads] (logit_scale='learned')
 
+The options for importing Hugging Face checkpoints, from their definitions (the params
+only exist when the option is on):
+  qkv_bias   q_h = x W_q,h + b_q,h (likewise k and v with their kv head's bias), before
+             QK-norm and RoPE (Qwen2); params q/k/v bias [L, heads or kv_heads, head_dim]
+  out_bias   attention output sum_h o_h W_o,h + b_o; param o bias [L, d]
+  mlp_bias   (silu(x W_g + b_g) * (x W_u + b_u)) W_d + b_d; gate/up bias [L, mlp], down [L, d]
+  vit eps    the eps of every ViT LayerNorm and of the ViT QK-norm
+  final_norm False: the ViT's output is the last block's output, no LayerNorm after it
+  gelu       exact GELU x * Phi(x) = x (1 + erf(x / sqrt 2)) / 2 in the 'mlp' projector
+  causal     query i sees key j iff j <= i and both are real tokens, over the whole
+             sequence (image tokens and prompt included), whatever the batch's mask_ar
+
 The attention-plateau options, from their definitions: qk_norm replaces each head's
 query q_h and key k_h by rms_norm(q_h, q_norm) and rms_norm(k_h, k_norm) over head_dim
 (before RoPE in the decoder, after the projection biases in the ViT); a learned logit
@@ -48,6 +60,11 @@ def layer_norm(x, scale, bias, eps=1e-6):
   mu = np.mean(x, axis=-1, keepdims=True)
   var = np.mean((x - mu) ** 2, axis=-1, keepdims=True)
   return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def gelu_erf(x):
+  """Exact GELU: x * Phi(x), Phi the standard normal CDF."""
+  return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
 def gelu_tanh(x):
@@ -102,6 +119,16 @@ def prefix_lm_mask(input_mask, mask_ar):
   return m
 
 
+def causal_mask(input_mask):
+  """[N, N] bool: query i sees key j iff j <= i and both are real tokens."""
+  n = len(input_mask)
+  m = np.zeros((n, n), bool)
+  for i in range(n):
+    for j in range(i + 1):
+      m[i, j] = bool(input_mask[i]) and bool(input_mask[j])
+  return m
+
+
 def rope_positions(input_mask):
   """Index of each token among the real tokens (padding does not advance), clipped at 0."""
   return np.maximum(np.cumsum(input_mask) - 1, 0).astype(np.float64)
@@ -133,11 +160,13 @@ def head_logit_scale(p, h, logit_scale):
   return p["logit_scale"][h]
 
 
-def gqa_attention(x, mask, positions, p, theta, eps=1e-6, qk_norm=False, logit_scale="none"):
+def gqa_attention(x, mask, positions, p, theta, eps=1e-6, qk_norm=False, logit_scale="none",
+                  qkv_bias=False, out_bias=False):
   """Grouped-query attention of one example, x: [N, d]; p: one layer's attn params.
 
-  Query head h reads kv head h // (H / K). With qk_norm, each head's q and k are
-  RMS-normalised over head_dim (eps = the decoder's norm_eps) before RoPE.
+  Query head h reads kv head h // (H / K). With qkv_bias, each head's projection adds
+  its bias. With qk_norm, each head's q and k are RMS-normalised over head_dim (eps =
+  the decoder's norm_eps) before RoPE. With out_bias, the output adds the o bias once.
   """
   wq, wk, wv, wo = p["q"]["kernel"], p["k"]["kernel"], p["v"]["kernel"], p["o"]["kernel"]
   num_heads, num_kv = wq.shape[1], wk.shape[1]
@@ -145,17 +174,24 @@ def gqa_attention(x, mask, positions, p, theta, eps=1e-6, qk_norm=False, logit_s
   out = np.zeros((x.shape[0], wo.shape[-1]))
   for h in range(num_heads):
     g = h // group
-    q, k = x @ wq[:, h, :], x @ wk[:, g, :]
+    q, k, v = x @ wq[:, h, :], x @ wk[:, g, :], x @ wv[:, g, :]
+    if qkv_bias:
+      q, k, v = q + p["q"]["bias"][h], k + p["k"]["bias"][g], v + p["v"]["bias"][g]
     if qk_norm:
       q, k = rms_norm(q, p["q_norm"]["scale"], eps), rms_norm(k, p["k_norm"]["scale"], eps)
     q, k = rope(q, positions, theta), rope(k, positions, theta)
-    v = x @ wv[:, g, :]
     out += masked_attention_head(q, k, v, mask, head_logit_scale(p, h, logit_scale)) @ wo[h]
+  if out_bias:
+    out = out + p["o"]["bias"]
   return out
 
 
-def swiglu(x, p):
-  return (silu(x @ p["gate"]["kernel"]) * (x @ p["up"]["kernel"])) @ p["down"]["kernel"]
+def swiglu(x, p, bias=False):
+  """(silu(x W_gate) * (x W_up)) W_down, each projection + its bias when `bias`."""
+  def lin(h, name):
+    y = h @ p[name]["kernel"]
+    return y + p[name]["bias"] if bias else y
+  return lin(silu(lin(x, "gate")) * lin(x, "up"), "down")
 
 
 def layer_params(stacked, l):
@@ -165,20 +201,22 @@ def layer_params(stacked, l):
   return stacked[l]
 
 
-def decoder_layer(x, mask, positions, p, theta, eps, qk_norm=False, logit_scale="none"):
+def decoder_layer(x, mask, positions, p, theta, eps, qk_norm=False, logit_scale="none",
+                  qkv_bias=False, out_bias=False, mlp_bias=False):
   """Pre-norm block: x + Attn(RMSNorm(x)); then x + SwiGLU(RMSNorm(x))."""
   x = x + gqa_attention(rms_norm(x, p["attn_norm"]["scale"], eps), mask, positions, p["attn"],
-                        theta, eps, qk_norm, logit_scale)
-  return x + swiglu(rms_norm(x, p["mlp_norm"]["scale"], eps), p["mlp"])
+                        theta, eps, qk_norm, logit_scale, qkv_bias, out_bias)
+  return x + swiglu(rms_norm(x, p["mlp_norm"]["scale"], eps), p["mlp"], mlp_bias)
 
 
-def decoder_stack(x, mask, positions, stacked, theta, eps, qk_norm=False, logit_scale="none"):
+def decoder_stack(x, mask, positions, stacked, theta, eps, qk_norm=False, logit_scale="none",
+                  qkv_bias=False, out_bias=False, mlp_bias=False):
   """All L layers on one example; returns the list of every layer's output (1..L)."""
   depth = stacked["attn_norm"]["scale"].shape[0]
   outs = []
   for l in range(depth):
     x = decoder_layer(x, mask, positions, layer_params(stacked, l), theta, eps, qk_norm,
-                      logit_scale)
+                      logit_scale, qkv_bias, out_bias, mlp_bias)
     outs.append(x)
   return outs
 
@@ -198,10 +236,10 @@ def patchify(image, patch):
   return np.stack(rows)
 
 
-def vit(image, p, patch, qk_norm=False, logit_scale="none"):
-  """One image [H, W, C] -> tokens [n, w] (pre-LayerNorm blocks, final LayerNorm).
-
-  With qk_norm, each head's (biased) q and k are RMS-normalised over head_dim, eps 1e-6.
+def vit(image, p, patch, qk_norm=False, logit_scale="none", eps=1e-6, final_norm=True):
+  """One image [H, W, C] -> tokens [n, w] (pre-LayerNorm blocks, final LayerNorm unless
+  final_norm is False). `eps` is every LayerNorm's; with qk_norm, each head's (biased) q
+  and k are RMS-normalised over head_dim with the same eps.
   """
   x = patchify(image, patch) @ p["patch_embed"]["kernel"] + p["patch_embed"]["bias"]
   x = x + p["pos_embedding"]
@@ -211,28 +249,33 @@ def vit(image, p, patch, qk_norm=False, logit_scale="none"):
   for l in range(depth):
     b = layer_params(blocks, l)
     a = b["attn"]
-    h = layer_norm(x, b["ln1"]["scale"], b["ln1"]["bias"])
+    h = layer_norm(x, b["ln1"]["scale"], b["ln1"]["bias"], eps)
     attn = np.zeros_like(x)
     for head in range(a["q"]["kernel"].shape[1]):
       q = h @ a["q"]["kernel"][:, head] + a["q"]["bias"][head]
       k = h @ a["k"]["kernel"][:, head] + a["k"]["bias"][head]
       v = h @ a["v"]["kernel"][:, head] + a["v"]["bias"][head]
       if qk_norm:
-        q, k = rms_norm(q, a["q_norm"]["scale"], 1e-6), rms_norm(k, a["k_norm"]["scale"], 1e-6)
+        q, k = rms_norm(q, a["q_norm"]["scale"], eps), rms_norm(k, a["k_norm"]["scale"], eps)
       attn += (masked_attention_head(q, k, v, full, head_logit_scale(a, head, logit_scale))
                @ a["o"]["kernel"][head])
     x = x + attn + a["o"]["bias"]
-    h = layer_norm(x, b["ln2"]["scale"], b["ln2"]["bias"])
+    h = layer_norm(x, b["ln2"]["scale"], b["ln2"]["bias"], eps)
     m = b["mlp"]
     x = x + gelu_tanh(h @ m["fc1"]["kernel"] + m["fc1"]["bias"]) @ m["fc2"]["kernel"] + m["fc2"]["bias"]
-  return layer_norm(x, p["ln_final"]["scale"], p["ln_final"]["bias"])
+  if not final_norm:
+    assert "ln_final" not in p, "final_norm=False must create no ln_final params"
+    return x
+  return layer_norm(x, p["ln_final"]["scale"], p["ln_final"]["bias"], eps)
 
 
-def projector(x, p, kind):
+def projector(x, p, kind, act="gelu_tanh"):
+  """linear: x W + b; mlp: act(x W1 + b1) W2 + b2, act = gelu_tanh or exact gelu."""
   if kind == "linear":
     return x @ p["linear"]["kernel"] + p["linear"]["bias"]
+  gelu = {"gelu_tanh": gelu_tanh, "gelu": gelu_erf}[act]
   m = p["mlp"]
-  return gelu_tanh(x @ m["fc1"]["kernel"] + m["fc1"]["bias"]) @ m["fc2"]["kernel"] + m["fc2"]["bias"]
+  return gelu(x @ m["fc1"]["kernel"] + m["fc1"]["bias"]) @ m["fc2"]["kernel"] + m["fc2"]["bias"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,18 +342,24 @@ def vlm_forward(params, batch, cfg, num_steps=None):
   for b in range(bsz):
     # E_0 = concat(V, T); an image-less example gets zero image tokens that are also
     # masked out of attention.
-    img = projector(vit(images[b].astype(np.float64), params["vit"], cfg.vit.patch_size,
-                        cfg.vit.qk_norm, cfg.vit.logit_scale),
-                    params["projector"], cfg.projector.kind) * float(image_mask[b])
+    feats = vit(images[b].astype(np.float64), params["vit"], cfg.vit.patch_size,
+                cfg.vit.qk_norm, cfg.vit.logit_scale, cfg.vit.norm_eps, cfg.vit.final_norm)
+    img = projector(feats, params["projector"], cfg.projector.kind,
+                    cfg.projector.act) * float(image_mask[b])
     txt = params["embed"]["embedding"][tokens[b]]
     e0 = np.concatenate([img, txt], axis=0)
     input_mask = np.concatenate([np.full((nv,), int(image_mask[b])), batch["input_mask"][b]])
-    mask_ar = np.concatenate([np.zeros((nv,), int), batch["mask_ar"][b]])
-    mask = prefix_lm_mask(input_mask, mask_ar)
+    if cfg.attention == "causal":
+      mask = causal_mask(input_mask)
+    else:  # prefix: the image block and the batch's prefix see each other
+      assert cfg.attention == "prefix", cfg.attention
+      mask_ar = np.concatenate([np.zeros((nv,), int), batch["mask_ar"][b]])
+      mask = prefix_lm_mask(input_mask, mask_ar)
     pos = rope_positions(input_mask)
     e, hs, es = e0, [], []
     for _ in range(steps):
-      outs = decoder_stack(e, mask, pos, stacked, theta, eps, dec.qk_norm, dec.logit_scale)
+      outs = decoder_stack(e, mask, pos, stacked, theta, eps, dec.qk_norm, dec.logit_scale,
+                           dec.qkv_bias, dec.out_bias, dec.mlp_bias)
       hs.append(outs[-1])
       es.append(e)
       if rec.mode == "connector":

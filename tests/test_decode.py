@@ -21,16 +21,32 @@ from rvlm.models import vlm
 F32_TOL = 1e-4
 
 
+# The options for importing Hugging Face checkpoints, all on: fully causal attention
+# (image and prompt included), decoder biases, no ViT final norm, exact-GELU projector.
+HF_OPTIONS = dict(attention="causal", decoder=dict(qkv_bias=True, out_bias=True, mlp_bias=True),
+                  vit=dict(final_norm=False, norm_eps=1e-5), projector=dict(act="gelu"))
+
+
 @functools.lru_cache(maxsize=None)
-def make(mode="connector", steps=3, dtype="float32"):
-  """(config, model, params); cached, so that tests share compiled decoding programs."""
+def make(mode="connector", steps=3, dtype="float32", hf=False):
+  """(config, model, params); cached, so that tests share compiled decoding programs.
+  hf: with HF_OPTIONS, and random (not zero-initialised) biases."""
   c = debug.get_config()
   c.model.recursion.update(mode=mode, num_steps=steps)
   c.model.dtype = dtype
   # A random (not zero) connector projection, so that every step changes the answer.
   c.model.connector.update(init="normal", alpha_init=1.0)
+  if hf:
+    c.model.attention = HF_OPTIONS["attention"]
+    for part in ("decoder", "vit", "projector"):
+      c.model[part].update(HF_OPTIONS[part])
   model = vlm.make_model(c.model)
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), train.dummy_batch(c, 1))["params"])
+  if hf:
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (x + 0.3 * rng.standard_normal(x.shape).astype(x.dtype)
+                         if jax.tree_util.keystr(path).endswith("['bias']") else x), params)
   return c, model, params
 
 
@@ -75,6 +91,21 @@ def test_cached_decoding_equals_full_recomputation_at_every_depth(mode, depths):
     assert (gen.steps_used == depth).all()
     answers.add(gen.tokens.tobytes())
   assert len(answers) == len(depths) or len(answers) >= 3  # the depths do differ
+
+
+def test_causal_attention_and_hf_options_cached_decoding_equals_recomputation():
+  """With config.model.attention='causal' (and the other HF-import options on), the
+  prefill's prompt is causal like the forward pass's: cached decoding (depth 2, two
+  recursion steps) equals recomputation over the full sequence. Not vacuous: the same
+  params under 'prefix' attention give other logits."""
+  c, model, params = make("connector", 3, hf=True)
+  batch = ragged_batch(c)
+  gen, _ = check_against_recompute(model, params, batch, 2)
+  prefix_cfg = c.model.copy_and_resolve_references()
+  prefix_cfg.attention = "prefix"
+  prefix = np.asarray(decode.recompute_logits(vlm.make_model(prefix_cfg), params, batch,
+                                              gen.tokens, 2))
+  assert np.abs(prefix[-1] - gen.logits).max() > 1e-2
 
 
 def test_eos_stops_a_row_and_pads_after_it():

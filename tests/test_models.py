@@ -183,6 +183,32 @@ def test_later_answer_token_never_changes_earlier_logits(mode):
   assert np.abs(logits(changed)[:, :, 1] - a[:, :, 1]).max() > 1e-4
 
 
+def test_causal_attention_makes_image_and_prompt_causal():
+  """config.model.attention='causal' ignores the batch's prefix: a prompt token no longer
+  reaches earlier tokens, and the image tokens (all step inputs, connector mode) no
+  longer depend on the text, while under 'prefix' both do."""
+  cfg = tiny("connector", 2, attention="causal")
+  params = random_params(cfg)
+  nv = vlm.num_image_tokens(cfg)
+  batch = make_batch(cfg)
+  changed = batch["tokens"].at[:, 3].set((batch["tokens"][:, 3] + 1) % cfg.vocab_size)
+  # One forward pass per model over both versions (rows B.. are the changed ones).
+  both = {k: jnp.concatenate([v, changed if k == "tokens" else v]) for k, v in batch.items()}
+  for m, causal in ((vlm.make_model(cfg), True), (vlm.make_model(tiny("connector", 2)), False)):
+    out = jax.jit(lambda p, b, m=m: m.apply({"params": p}, b))(params, both)
+    logits = np.asarray(logits_of(m, params, out["hidden"]))
+    la, lc = logits[:, :B], logits[:, B:]
+    a = {"step_inputs": np.asarray(out["step_inputs"])[:, :B]}
+    c = {"step_inputs": np.asarray(out["step_inputs"])[:, B:]}
+    assert np.abs(la[:, :, 3:] - lc[:, :, 3:]).max() > 1e-4   # later tokens see it
+    earlier = [np.abs(la[:, :, :3] - lc[:, :, :3]).max(),
+               np.abs(a["step_inputs"][:, :, :nv] - c["step_inputs"][:, :, :nv]).max()]
+    if causal:
+      assert earlier == [0, 0], earlier
+    else:
+      assert min(earlier) > 1e-4, earlier
+
+
 def test_image_less_examples_ignore_the_image():
   cfg = tiny("connector", 2)
   model, params = init(cfg)
@@ -413,6 +439,56 @@ def test_attention_option_params_init_names_and_no_weight_decay():
     assert set(leaf.names) <= rules, leaf.names
 
 
+_HF_OPTIONS_ON = {"decoder.qkv_bias": True, "decoder.out_bias": True, "decoder.mlp_bias": True,
+                  "vit.final_norm": False, "vit.norm_eps": 1e-5, "projector.act": "gelu",
+                  "attention": "causal"}
+
+
+@pytest.mark.parametrize("option", list(_HF_OPTIONS_ON) + ["all"])
+def test_hf_options_add_exactly_their_params(option):
+  """qkv_bias adds (heads + 2 kv_heads) x head_dim per decoder layer, out_bias width,
+  mlp_bias 2 mlp_dim + width; final_norm=False removes ln_final (2 x vit width); the
+  eps, the GELU and the attention mask add nothing (the defaults are covered by
+  test_attention_options_off_add_no_params_and_change_nothing: 73,120 params)."""
+  cfg = tiny("connector", 2)
+  dec, vit = cfg.decoder, cfg.vit
+  want = {"decoder.qkv_bias": dec.depth * (dec.num_heads + 2 * dec.num_kv_heads) * dec.head_dim,
+          "decoder.out_bias": dec.depth * dec.width,
+          "decoder.mlp_bias": dec.depth * (2 * dec.mlp_dim + dec.width),
+          "vit.final_norm": -2 * vit.width}
+  options = _HF_OPTIONS_ON if option == "all" else {option: _HF_OPTIONS_ON[option]}
+  got = abstract_count(tiny("connector", 2, **options)) - abstract_count(cfg)
+  assert got == sum(want.get(k, 0) for k in options), (option, got)
+
+
+def test_hf_option_params_names_axes_init_and_no_weight_decay():
+  """The new biases: the exact param names and logical axes rvlm/convert/ writes to, zero
+  init, a sharding rule per axis, and no weight decay (configs/base.py's `.*bias$`)."""
+  from configs import base
+  cfg = tiny("connector", 2, **_HF_OPTIONS_ON)
+  boxed, paths = _paths(cfg)
+  _, params = init(cfg)
+  no_decay = optim.regex_mask(params, base.get_config().optim.no_decay)
+  rules = {name for name, _ in sharding.LOGICAL_AXIS_RULES}
+  dec = cfg.decoder
+  want = {("attn", "q"): (("layers", "heads", "head_dim"), (dec.num_heads, dec.head_dim)),
+          ("attn", "k"): (("layers", "kv_heads", "head_dim"), (dec.num_kv_heads, dec.head_dim)),
+          ("attn", "v"): (("layers", "kv_heads", "head_dim"), (dec.num_kv_heads, dec.head_dim)),
+          ("attn", "o"): (("layers", "embed"), (dec.width,)),
+          ("mlp", "gate"): (("layers", "mlp"), (dec.mlp_dim,)),
+          ("mlp", "up"): (("layers", "mlp"), (dec.mlp_dim,)),
+          ("mlp", "down"): (("layers", "embed"), (dec.width,))}
+  layer = lambda tree: tree["recursion"]["step"]["stack"]["layers"]["layer"]  # noqa: E731
+  for (module, name), (names, shape) in want.items():
+    box = layer(boxed)[module][name]["bias"]
+    assert box.names == names and tuple(box.value.shape) == (dec.depth,) + shape
+    assert set(names) <= rules
+    assert layer(paths)[module][name]["bias"].endswith(f"{module}/{name}/bias")
+    np.testing.assert_array_equal(layer(params)[module][name]["bias"], 0)
+    assert layer(no_decay)[module][name]["bias"]
+  assert "ln_final" not in params["vit"]
+
+
 def test_attention_option_params_get_gradients():
   """Both attentions pass finite, non-zero gradients to the new params (checked on the
   modules alone: compiling the full model's backward pass costs ~20 s here)."""
@@ -496,6 +572,32 @@ def test_qk_norm_must_be_a_bool():
   cfg = tiny("connector", 2)
   cfg.vit = dict(cfg.vit.to_dict(), qk_norm="false")
   with pytest.raises(ValueError, match=r"config\.model\.vit\.qk_norm='false'"):
+    vlm.make_model(cfg)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"vit.norm_eps": 0.0}, r"config\.model\.vit\.norm_eps=0\.0"),
+    ({"vit.norm_eps": -1e-6}, r"config\.model\.vit\.norm_eps=-1e-06"),
+    ({"vit.norm_eps": float("inf")}, r"config\.model\.vit\.norm_eps=inf"),
+    ({"projector.act": "relu"}, r"config\.model\.projector\.act='relu'"),
+    ({"attention": "bidirectional"}, r"config\.model\.attention='bidirectional'"),
+])
+def test_bad_hf_options_raise_naming_the_field(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    vlm.make_model(tiny("connector", 2, **overrides))
+
+
+@pytest.mark.parametrize("part,field", [("decoder", "qkv_bias"), ("decoder", "out_bias"),
+                                        ("decoder", "mlp_bias"), ("vit", "final_norm")])
+def test_hf_flags_must_be_bools(part, field):
+  # As for qk_norm: a config rebuilt from JSON could carry "false", which reads as on.
+  cfg = tiny("connector", 2)
+  cfg[part] = dict(cfg[part].to_dict(), **{field: "false"})
+  with pytest.raises(ValueError, match=rf"config\.model\.{part}\.{field}='false': must be a bool"):
+    vlm.make_model(cfg)
+  cfg = tiny("connector", 2)
+  cfg[part] = dict(cfg[part].to_dict(), **{field: 1})
+  with pytest.raises(ValueError, match=rf"config\.model\.{part}\.{field}=1: must be a bool"):
     vlm.make_model(cfg)
 
 

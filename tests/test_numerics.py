@@ -20,6 +20,12 @@ checked the same way, with their params re-randomised too: learned logit scales
 U(1.5, 3.5) (around a sharpening init of 2.5, distinct per layer and head), QK-norm
 scales like every norm scale. Measured with the options on: <= 2.5e-6 relative
 (<= 6.6e-5 absolute on logits up to ~27), within the same bound.
+
+The options for importing Hugging Face checkpoints (decoder q/k/v, o and MLP biases,
+the ViT's LayerNorm eps and no final LayerNorm, the exact-GELU projector, fully causal
+attention) are checked all on together and each alone. The ViT eps is set to 0.25, far
+from the default 1e-6, so that an eps that is not wired through (LayerNorms or the ViT
+QK-norm) shows at O(0.1) rather than at the tolerance. Measured: <= 6.5e-7 relative.
 """
 import copy
 import os
@@ -106,18 +112,25 @@ def test_masks_and_positions_match_definition():
     np.testing.assert_array_equal(got_pos[b], ref.rope_positions(input_mask[b]))
 
 
-@pytest.mark.parametrize("qk_norm,logit_scale", [(False, "none"), (True, "learned")])
-def test_decoder_stack_matches_reference(qk_norm, logit_scale):
+BIASES_ON = dict(qkv_bias=True, out_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("qk_norm,logit_scale,biases", [
+    (False, "none", {}), (True, "learned", {}), (False, "none", BIASES_ON),
+    (True, "learned", BIASES_ON)], ids=["plain", "attn", "biases", "attn_biases"])
+def test_decoder_stack_matches_reference(qk_norm, logit_scale, biases):
   """DecoderStack vs the numpy decoder: GQA (6 heads, 2 kv heads, head_dim 10 != d/H),
   RoPE, a prefix + causal part, padding; also the k sampled layer outputs. With the
   attention options on, 3 query heads per kv head check the per-query-head scale index;
-  eps 1e-5 != 1e-6 checks that QK-norm uses the decoder's norm_eps."""
+  eps 1e-5 != 1e-6 checks that QK-norm uses the decoder's norm_eps. With the biases on,
+  the kv-head biases check the GQA index of k / v biases, and with QK-norm too the
+  order bias -> QK-norm -> RoPE."""
   width, depth, heads, kv, hd, mlp, k = 48, 3, 6, 2, 10, 80, 2
   theta, eps = 500.0, 1e-5
   stack = rdecoder.DecoderStack(width=width, depth=depth, num_heads=heads, num_kv_heads=kv,
                                 head_dim=hd, mlp_dim=mlp, rope_theta=theta, norm_eps=eps,
                                 num_sampled=k, qk_norm=qk_norm, logit_scale=logit_scale,
-                                logit_scale_init=2.5)
+                                logit_scale_init=2.5, **biases)
   rng = np.random.default_rng(1)
   bsz, n = 2, 11
   x = rng.standard_normal((bsz, n, width))
@@ -132,11 +145,15 @@ def test_decoder_stack_matches_reference(qk_norm, logit_scale):
   with jax.default_matmul_precision("float32"):
     out, sampled = jax.jit(stack.apply)({"params": params}, *args)
   p = ref.to_numpy(params)["layers"]["layer"]
+  has_bias = {(m, n): "bias" in p[m][n] for m, n in [("attn", "q"), ("attn", "k"), ("attn", "v"),
+                                                     ("attn", "o"), ("mlp", "gate"),
+                                                     ("mlp", "up"), ("mlp", "down")]}
+  assert set(has_bias.values()) == {bool(biases)}, has_bias
   chosen = ref.sampled_layers(depth, k)
   assert chosen == [2, 3]
   for b in range(bsz):
     outs = ref.decoder_stack(x[b], masks[b], pos[b].astype(np.float64), p, theta, eps,
-                             qk_norm, logit_scale)
+                             qk_norm, logit_scale, **biases)
     real = input_mask[b].astype(bool)
     assert rel_err(np.asarray(out)[b, real], outs[-1][real]) <= REL_TOL
     for s, layer in enumerate(chosen):
@@ -168,6 +185,11 @@ def _batch(cfg, seed):
 # The attention-plateau options, all on (a sharpening init; the values are re-randomised).
 ATTN_ON = dict(qk_norm=True, logit_scale="learned", logit_scale_init=2.5)
 
+# The HF-import options, all on (eps far from its 1e-6 default, so that it shows).
+HF_DECODER = dict(qkv_bias=True, out_bias=True, mlp_bias=True)
+HF_VIT = dict(norm_eps=0.25, final_norm=False)
+HF_VIT_QK = dict(HF_VIT, qk_norm=True)
+
 # (name, overrides of config.model) — each changes one or more code paths.
 VLM_CASES = [
     ("none", dict(mode="none", num_steps=1)),
@@ -189,6 +211,20 @@ VLM_CASES = [
     # Each option alone, and different ones in the two towers (no cross-wiring).
     ("conn_attn_mixed", dict(mode="connector", num_steps=2, decoder=dict(qk_norm=True),
                              vit=dict(logit_scale="learned", logit_scale_init=0.5))),
+    # The HF-import options: all on (with the ViT QK-norm, which reads vit.norm_eps) ...
+    ("conn_hf_all", dict(mode="connector", num_steps=2, decoder=HF_DECODER, vit=HF_VIT_QK,
+                         projector_act="gelu", attention="causal")),
+    ("none_hf_all_loop", dict(mode="none", num_steps=1, decoder=HF_DECODER, vit=HF_VIT,
+                              projector_act="gelu", attention="causal", impl="loop",
+                              scan_layers=False)),
+    # ... and each alone.
+    ("conn_qkv_bias", dict(mode="connector", num_steps=2, decoder=dict(qkv_bias=True))),
+    ("conn_out_mlp_bias", dict(mode="connector", num_steps=2,
+                               decoder=dict(out_bias=True, mlp_bias=True))),
+    ("conn_vit_eps", dict(mode="connector", num_steps=2, vit=dict(norm_eps=0.25))),
+    ("conn_no_final_norm", dict(mode="connector", num_steps=2, vit=dict(final_norm=False))),
+    ("conn_gelu_exact", dict(mode="connector", num_steps=2, projector_act="gelu")),
+    ("vanilla_causal", dict(mode="vanilla", num_steps=2, attention="causal")),
 ]
 
 
@@ -202,10 +238,14 @@ def _config(over):
       cfg.connector[key] = over[key]
   if "projector" in over:
     cfg.projector.kind = over["projector"]
+  if "projector_act" in over:
+    cfg.projector.act = over["projector_act"]
+  if "attention" in over:
+    cfg.attention = over["attention"]
   for key in ("scan_layers", "tie_embeddings"):
     if key in over:
       cfg[key] = over[key]
-  for part in ("decoder", "vit"):  # attention options
+  for part in ("decoder", "vit"):  # attention and HF-import options
     cfg[part].update(over.get(part, {}))
   return cfg
 
@@ -284,3 +324,59 @@ def test_attention_options_change_the_reference():
       other[part][field] = off
       got = ref.vlm_forward(params, batch, other)["logits"][:, real]
       assert np.max(np.abs(got - want)) > 0.1, (part, field)
+
+
+def test_hf_options_change_the_reference():
+  """Each HF-import option changes the reference logits at O(0.1) or more, so the parity
+  cases cannot pass by ignoring one (the biases, which the re-randomisation draws at
+  N(0, 0.1^2), are scaled up here to N(0, 1) to make their effect plain). The exact and
+  the tanh GELU differ by at most ~5e-4, too little to show here: the projector has its
+  own test (test_projector_gelu_matches_reference)."""
+  cfg = _config(dict(mode="connector", num_steps=2, decoder=HF_DECODER, vit=HF_VIT_QK,
+                     projector_act="gelu", attention="causal"))
+  model = vlm.make_model(cfg)
+  batch = _batch(cfg, seed=9)
+  params = ref.to_numpy(randomise(init_shapes(model, {k: jnp.asarray(v) for k, v in batch.items()}),
+                                  seed=10))
+  layer = params["recursion"]["step"]["stack"]["layers"]["layer"]
+  for module, names in (("attn", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down"))):
+    for name in names:
+      layer[module][name]["bias"] = layer[module][name]["bias"] * 10.0
+  real = batch["input_mask"].astype(bool)
+  want = ref.vlm_forward(params, batch, cfg)["logits"][:, real]
+  for part, field, off in [("decoder", "qkv_bias", False), ("decoder", "out_bias", False),
+                           ("decoder", "mlp_bias", False), ("vit", "norm_eps", 1e-6),
+                           (None, "attention", "prefix")]:
+    other = copy.deepcopy(cfg)
+    (other[part] if part else other)[field] = off
+    got = ref.vlm_forward(params, batch, other)["logits"][:, real]
+    assert np.max(np.abs(got - want)) > 0.1, (part, field)
+  # final_norm: the reference with a final LayerNorm of unit scale and zero bias.
+  other = copy.deepcopy(cfg)
+  other.vit.final_norm = True
+  width = cfg.vit.width
+  with_ln = dict(params, vit=dict(params["vit"], ln_final=dict(scale=np.ones(width),
+                                                               bias=np.zeros(width))))
+  got = ref.vlm_forward(with_ln, batch, other)["logits"][:, real]
+  assert np.max(np.abs(got - want)) > 0.1
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu"])
+def test_projector_gelu_matches_reference(act):
+  """The 'mlp' projector with each GELU against the reference, at a tolerance (1e-6
+  relative) well under the gap between the two GELUs on these inputs (pre-activations
+  N(0, 2^2), where tanh-approximate and exact GELU differ by up to ~5e-4): a projector
+  that ignored `act` fails one of the two cases."""
+  from rvlm.models.vit import Projector
+  proj = Projector("mlp", 24, act=act)
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((2, 5, 16))
+  params = randomise(init_shapes(proj, jnp.asarray(x, jnp.float32)), seed=12)
+  params["mlp"]["fc1"]["kernel"] = params["mlp"]["fc1"]["kernel"] * 2.0
+  with jax.default_matmul_precision("float32"):
+    got = np.asarray(jax.jit(proj.apply)({"params": params}, jnp.asarray(x, jnp.float32)))
+  p = ref.to_numpy(params)
+  for b in range(2):
+    assert rel_err(got[b], ref.projector(x[b], p, "mlp", act)) <= 1e-6
+  other = ref.projector(x[0], p, "mlp", {"gelu": "gelu_tanh", "gelu_tanh": "gelu"}[act])
+  assert rel_err(got[0], other) > 1e-5

@@ -32,6 +32,9 @@ class DecoderLayer(nn.Module):
   qk_norm: bool = False           # see rvlm/models/layers.py (attention-plateau fix)
   logit_scale: str = "none"
   logit_scale_init: float = 1.0
+  qkv_bias: bool = False          # HF-import options, see rvlm/models/presets.py
+  out_bias: bool = False
+  mlp_bias: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
@@ -41,13 +44,15 @@ class DecoderLayer(nn.Module):
                             self.rope_theta, self.dtype, qk_norm=self.qk_norm,
                             logit_scale=self.logit_scale,
                             logit_scale_init=self.logit_scale_init,
-                            norm_eps=self.norm_eps, name="attn")(h, mask, positions,
+                            norm_eps=self.norm_eps, qkv_bias=self.qkv_bias,
+                            out_bias=self.out_bias, name="attn")(h, mask, positions,
                                                                  kv_cache, cache_index)
     if kv_cache is not None:
       attn, kv_cache = attn
     x = x + attn
     h = layers.RMSNorm(self.norm_eps, name="mlp_norm")(x)
-    x = layers.constrain(x + layers.SwiGLU(self.mlp_dim, self.dtype, name="mlp")(h))
+    x = layers.constrain(x + layers.SwiGLU(self.mlp_dim, self.dtype, use_bias=self.mlp_bias,
+                                                 name="mlp")(h))
     return x if kv_cache is None else (x, kv_cache)
 
 
@@ -92,6 +97,9 @@ class DecoderStack(nn.Module):
   qk_norm: bool = False
   logit_scale: str = "none"
   logit_scale_init: float = 1.0
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
@@ -110,7 +118,8 @@ class DecoderStack(nn.Module):
     layer_kwargs = dict(width=self.width, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                         head_dim=self.head_dim, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
                         norm_eps=self.norm_eps, dtype=self.dtype, qk_norm=self.qk_norm,
-                        logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init)
+                        logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init,
+                        qkv_bias=self.qkv_bias, out_bias=self.out_bias, mlp_bias=self.mlp_bias)
     body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.depth,
                    unroll=1 if self.scan else self.depth,

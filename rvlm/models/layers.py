@@ -16,6 +16,11 @@ computation and the param tree are exactly those without them):
                attention sharper (the Eureka-moments fix for the plateau in which
                near-uniform attention cannot pick out the tokens a task needs).
                'none': plain 1/sqrt(head_dim).
+
+Options for importing Hugging Face checkpoints (off by default; off adds no params):
+  Attention qkv_bias / out_bias (Qwen2: q/k/v biases; Llama attention_bias: all four),
+  SwiGLU use_bias (Llama mlp_bias), GeluMLP act 'gelu' (exact erf GELU, as LLaVA's
+  projector) against the default tanh approximation.
 """
 import math
 from typing import Any
@@ -127,6 +132,7 @@ def positions_from_mask(input_mask):
 
 
 LOGIT_SCALES = ("none", "learned")
+GELU_ACTS = ("gelu_tanh", "gelu")   # tanh-approximate (GPT-2 / SigLIP) | exact erf GELU
 
 
 def _masked_softmax_attention(q, k, v, mask, dtype, logit_scale=None):
@@ -178,6 +184,8 @@ class Attention(nn.Module):
   logit_scale: str = "none"
   logit_scale_init: float = 1.0
   norm_eps: float = 1e-6
+  qkv_bias: bool = False          # biases on q / k / v (Qwen2)
+  out_bias: bool = False          # bias on the output projection o
 
   @nn.compact
   def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
@@ -189,10 +197,12 @@ class Attention(nn.Module):
     mask says which hold real, visible tokens); returns (output, updated cache).
     """
     d = x.shape[-1]
-    proj = lambda n, h, axes: Dense((h, self.head_dim), axes, dtype=self.dtype, name=n)  # noqa: E731
-    q = proj("q", self.num_heads, ("embed", "heads", "head_dim"))(x)
-    k = proj("k", self.num_kv_heads, ("embed", "kv_heads", "head_dim"))(x)
-    v = proj("v", self.num_kv_heads, ("embed", "kv_heads", "head_dim"))(x)
+    proj = lambda n, h, axes: Dense(  # noqa: E731
+        (h, self.head_dim), ("embed",) + axes, bias_axes=axes if self.qkv_bias else None,
+        dtype=self.dtype, name=n)
+    q = proj("q", self.num_heads, ("heads", "head_dim"))(x)
+    k = proj("k", self.num_kv_heads, ("kv_heads", "head_dim"))(x)
+    v = proj("v", self.num_kv_heads, ("kv_heads", "head_dim"))(x)
     if self.qk_norm:  # before RoPE: the rotation keeps the norm, the scale is per dim
       q, k = _norm_qk(self, q, k, self.norm_eps)
     q = rope(q, positions, self.rope_theta)
@@ -209,18 +219,21 @@ class Attention(nn.Module):
     out = _masked_softmax_attention(q, k, v, mask, self.dtype, scale)
     out = out.reshape(b, t, self.num_heads, self.head_dim)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
-    out = Dense((d,), ("heads", "head_dim", "embed"), num_in=2, dtype=self.dtype, name="o")(out)
+    out = Dense((d,), ("heads", "head_dim", "embed"), num_in=2,
+                bias_axes=("embed",) if self.out_bias else None, dtype=self.dtype, name="o")(out)
     return out if kv_cache is None else (out, (k, v))
 
 
 class SwiGLU(nn.Module):
   hidden: int
   dtype: Dtype = jnp.float32
+  use_bias: bool = False          # biases on gate / up / down (Llama mlp_bias)
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    dense = lambda n, f, axes: Dense((f,), axes, dtype=self.dtype, name=n)  # noqa: E731
+    dense = lambda n, f, axes: Dense(  # noqa: E731
+        (f,), axes, bias_axes=axes[1:] if self.use_bias else None, dtype=self.dtype, name=n)
     h = nn.silu(dense("gate", self.hidden, ("embed", "mlp"))(x)) * dense("up", self.hidden, ("embed", "mlp"))(x)
     h = nn.with_logical_constraint(h, ("act_batch", "act_len", "act_mlp"))
     return dense("down", d, ("mlp", "embed"))(h)
@@ -261,13 +274,16 @@ class GeluMLP(nn.Module):
   out_axis: str = "vit_embed"
   out_features: int | None = None
   dtype: Dtype = jnp.float32
+  act: str = "gelu_tanh"          # one of GELU_ACTS
 
   @nn.compact
   def __call__(self, x):
+    if self.act not in GELU_ACTS:
+      raise ValueError(f"GeluMLP act={self.act!r} is unknown; choose one of {GELU_ACTS}")
     out = self.out_features or x.shape[-1]
     h = Dense((self.hidden,), (self.in_axis, self.hidden_axis), bias_axes=(self.hidden_axis,),
               dtype=self.dtype, name="fc1")(x)
-    h = nn.gelu(h, approximate=True)
+    h = nn.gelu(h, approximate=self.act == "gelu_tanh")
     return Dense((out,), (self.hidden_axis, self.out_axis), bias_axes=(self.out_axis,),
                  dtype=self.dtype, name="fc2")(h)
 

@@ -20,6 +20,19 @@ _ATTENTION_OPTIONS = dict(
 )
 
 
+# Options that importing Hugging Face checkpoints (Llama / Qwen2 / SigLIP / LLaVA,
+# rvlm/convert/) needs; the defaults keep rvlm's own param tree and numerics.
+_DECODER_HF_OPTIONS = dict(
+    qkv_bias=False,           # biases on attn q / k / v (Qwen2; Llama attention_bias)
+    out_bias=False,           # bias on attn o (Llama attention_bias)
+    mlp_bias=False,           # biases on mlp gate / up / down (Llama mlp_bias)
+)
+_VIT_HF_OPTIONS = dict(
+    norm_eps=1e-6,            # eps of every ViT LayerNorm and the ViT QK-norm (HF: 1e-6 / 1e-5)
+    final_norm=True,          # False: no ln_final (LLaVA reads a layer without post-layernorm)
+)
+
+
 def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True):
   return ml_collections.ConfigDict(dict(
       vocab_size=vocab_size,
@@ -32,9 +45,14 @@ def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True):
       # Scan over the L distinct decoder layers (True) or unroll them (False);
       # the param tree is identical either way.
       scan_layers=True,
-      vit=dict(vit, **_ATTENTION_OPTIONS),
-      projector=dict(kind=projector),
-      decoder=dict(decoder, **_ATTENTION_OPTIONS),
+      # prefix: image + prompt attend to each other, the answer is causal (PaliGemma);
+      # causal: every position causal, image and prompt too (HF LLaVA / causal LMs).
+      attention="prefix",
+      vit=dict(vit, **_VIT_HF_OPTIONS, **_ATTENTION_OPTIONS),
+      # act of the 'mlp' projector: gelu_tanh (tanh approximation) | gelu (exact erf,
+      # LLaVA's projector_hidden_act='gelu'); the ViT's MLPs stay gelu_tanh.
+      projector=dict(kind=projector, act="gelu_tanh"),
+      decoder=dict(decoder, **_DECODER_HF_OPTIONS, **_ATTENTION_OPTIONS),
       recursion=dict(
           # none: standard transformer (R must be 1); vanilla: E_{r+1} = H_L^(r);
           # connector: RecursiveVLM.

@@ -14,20 +14,23 @@ class VitBlock(nn.Module):
   qk_norm: bool = False           # see rvlm/models/layers.py (attention-plateau fix)
   logit_scale: str = "none"
   logit_scale_init: float = 1.0
+  norm_eps: float = 1e-6          # of ln1, ln2 and the QK-norm
 
   @nn.compact
   def __call__(self, x, _):
-    ln = lambda name: nn.LayerNorm(  # noqa: E731
-        dtype=self.dtype, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-    # QK-norm eps 1e-6: the ViT's LayerNorms use flax's default eps, also 1e-6.
+    ln = lambda name: layer_norm(self.norm_eps, self.dtype, name)  # noqa: E731
     x = x + layers.VitAttention(self.num_heads, self.dtype, qk_norm=self.qk_norm,
                                 logit_scale=self.logit_scale,
-                                logit_scale_init=self.logit_scale_init, norm_eps=1e-6,
+                                logit_scale_init=self.logit_scale_init, norm_eps=self.norm_eps,
                                 name="attn")(ln("ln1")(x))
     x = x + layers.GeluMLP(self.mlp_dim, dtype=self.dtype, name="mlp")(ln("ln2")(x))
     return layers.constrain(x), None
+
+
+def layer_norm(eps, dtype, name):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
 
 def patchify(images, patch: int):
@@ -40,7 +43,8 @@ def patchify(images, patch: int):
 
 class ViT(nn.Module):
   """Patch embedding (a linear map of flattened patches, equal to a strided conv),
-  learned position embeddings, `depth` pre-norm blocks, a final LayerNorm."""
+  learned position embeddings, `depth` pre-norm blocks, a final LayerNorm (none with
+  final_norm=False: LLaVA reads a layer's output without SigLIP's post-layernorm)."""
   image_size: int
   patch_size: int
   width: int
@@ -51,6 +55,8 @@ class ViT(nn.Module):
   qk_norm: bool = False
   logit_scale: str = "none"
   logit_scale_init: float = 1.0
+  norm_eps: float = 1e-6          # every LayerNorm (and the QK-norm)
+  final_norm: bool = True         # False: no ln_final (no params)
 
   @nn.compact
   def __call__(self, images):
@@ -68,17 +74,19 @@ class ViT(nn.Module):
                        length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = blocks(self.num_heads, self.mlp_dim, self.dtype, qk_norm=self.qk_norm,
                     logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init,
-                    name="blocks")(x, None)
-    return nn.LayerNorm(dtype=self.dtype, name="ln_final",
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
+                    norm_eps=self.norm_eps, name="blocks")(x, None)
+    if not self.final_norm:
+      return x
+    return layer_norm(self.norm_eps, self.dtype, "ln_final")(x)
 
 
 class Projector(nn.Module):
-  """Image features -> decoder width: `linear` or a 2-layer GELU `mlp`."""
+  """Image features -> decoder width: `linear` or a 2-layer GELU `mlp` (GELU `act`:
+  'gelu_tanh' or the exact 'gelu')."""
   kind: str
   width: int
   dtype: Any = jnp.float32
+  act: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x):
@@ -87,5 +95,6 @@ class Projector(nn.Module):
                           dtype=self.dtype, name="linear")(x)
     if self.kind == "mlp":
       return layers.GeluMLP(self.width, in_axis="vit_embed", hidden_axis="mlp", out_axis="embed",
-                            out_features=self.width, dtype=self.dtype, name="mlp")(x)
+                            out_features=self.width, dtype=self.dtype, act=self.act,
+                            name="mlp")(x)
     raise ValueError(f"config.model.projector.kind={self.kind!r} is unknown; choose 'linear' or 'mlp'")

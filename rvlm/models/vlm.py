@@ -22,14 +22,24 @@ from rvlm.models.recursion import IMPLS, MODES, Recursion
 from rvlm.models.vit import ViT, Projector
 
 
+# config.model.attention: 'prefix' (PaliGemma: image + prompt see each other, the answer
+# is causal) or 'causal' (every position causal, image and prompt too: HF LLaVA and
+# causal LMs). The param tree is the same; only the mask differs.
+ATTENTIONS = ("prefix", "causal")
+
+
 def _fail(field, value, why):
   raise ValueError(f"config.model.{field}={value!r}: {why}")
 
 
+def _check_bool(field, value):
+  if not isinstance(value, bool):  # a string 'False' would read as on
+    _fail(field, value, "must be a bool")
+
+
 def _check_attention_options(part, c):
   """The attention-plateau options of `config.model.<part>` (decoder or vit)."""
-  if not isinstance(c.qk_norm, bool):  # a string 'False' would read as on
-    _fail(f"{part}.qk_norm", c.qk_norm, "must be a bool")
+  _check_bool(f"{part}.qk_norm", c.qk_norm)
   if c.logit_scale not in layers.LOGIT_SCALES:
     _fail(f"{part}.logit_scale", c.logit_scale, f"unknown; choose one of {layers.LOGIT_SCALES}")
   init = c.logit_scale_init
@@ -85,6 +95,17 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
     _check_attention_options(part, cfg[part])
   if cfg.projector.kind not in ("linear", "mlp"):
     _fail("projector.kind", cfg.projector.kind, "unknown; choose 'linear' or 'mlp'")
+  # The HF-import options (rvlm/models/presets.py).
+  for field in ("qkv_bias", "out_bias", "mlp_bias"):
+    _check_bool(f"decoder.{field}", dec[field])
+  _check_bool("vit.final_norm", vit.final_norm)
+  eps = vit.norm_eps
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+    _fail("vit.norm_eps", eps, "must be a finite number > 0")
+  if cfg.projector.act not in layers.GELU_ACTS:
+    _fail("projector.act", cfg.projector.act, f"unknown; choose one of {layers.GELU_ACTS}")
+  if cfg.attention not in ATTENTIONS:
+    _fail("attention", cfg.attention, f"unknown; choose one of {ATTENTIONS}")
   layers.remat_policy(cfg.remat_policy)
   for field in ("dtype", "param_dtype"):
     if cfg[field] not in ("float32", "bfloat16"):
@@ -105,7 +126,8 @@ def step_kwargs(cfg):
                       mlp_dim=dec.mlp_dim, rope_theta=dec.rope_theta, norm_eps=dec.norm_eps,
                       scan=cfg.scan_layers, remat_policy=cfg.remat_policy, dtype=dtype,
                       qk_norm=dec.qk_norm, logit_scale=dec.logit_scale,
-                      logit_scale_init=dec.logit_scale_init)
+                      logit_scale_init=dec.logit_scale_init, qkv_bias=dec.qkv_bias,
+                      out_bias=dec.out_bias, mlp_bias=dec.mlp_bias)
   connector_kwargs = dict(con, num_image_tokens=num_image_tokens(cfg), norm_eps=dec.norm_eps,
                           dtype=dtype)
   return dict(stack_kwargs=stack_kwargs, connector_kwargs=connector_kwargs)
@@ -120,7 +142,7 @@ class VLM(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     dec = cfg.decoder
     self.vit = ViT(**dict(cfg.vit), dtype=dtype)
-    self.projector = Projector(cfg.projector.kind, dec.width, dtype)
+    self.projector = Projector(cfg.projector.kind, dec.width, dtype, act=cfg.projector.act)
     self.embed = nn.Embed(cfg.vocab_size, dec.width, dtype=dtype, name="embed",
                           embedding_init=nn.with_logical_partitioning(
                               nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -135,7 +157,10 @@ class VLM(nn.Module):
     return self.embed(tokens)
 
   def embed_inputs(self, batch):
-    """Step-1 input E_0 [B, N, d] and the full-sequence input_mask / mask_ar."""
+    """Step-1 input E_0 [B, N, d] and the full-sequence input_mask / mask_ar.
+
+    mask_ar: 0 on the image tokens and the batch's mask_ar on the text ('prefix'), or 1
+    everywhere (attention 'causal': the batch's mask_ar is ignored)."""
     tokens = batch["tokens"]
     b = tokens.shape[0]
     image_mask = batch.get("image_mask", jnp.ones((b,), jnp.int32)).astype(jnp.int32)
@@ -146,7 +171,11 @@ class VLM(nn.Module):
     e0 = layers.constrain(jnp.concatenate([img.astype(txt.dtype), txt], axis=1))
     input_mask = jnp.concatenate(
         [jnp.broadcast_to(image_mask[:, None], (b, nv)), batch["input_mask"].astype(jnp.int32)], 1)
-    mask_ar = jnp.concatenate([jnp.zeros((b, nv), jnp.int32), batch["mask_ar"].astype(jnp.int32)], 1)
+    if self.cfg.attention == "causal":
+      mask_ar = jnp.ones(input_mask.shape, jnp.int32)
+    else:
+      mask_ar = jnp.concatenate([jnp.zeros((b, nv), jnp.int32),
+                                 batch["mask_ar"].astype(jnp.int32)], 1)
     return e0, input_mask, mask_ar
 
   def __call__(self, batch, num_steps: int | None = None):
