@@ -25,6 +25,7 @@ from rvlm import checkpointing
 from rvlm.data import llava
 from rvlm.data import preprocess
 from rvlm.data import tokenizers
+from rvlm.models import presets
 from rvlm.models import vlm
 
 # Files a folder input reads (lower-cased extension); everything else in it is ignored.
@@ -84,7 +85,10 @@ def _config_from(meta_config, workdir):
                            f"unreadable ({type(e).__name__}: {e})") from None
     flat.pop("param_count", None)
     meta_config = _unflatten(flat)
-  return ml_collections.ConfigDict(meta_config)
+  config = ml_collections.ConfigDict(meta_config)
+  if "model" in config:  # options added after the checkpoint was written: their defaults
+    config.model = presets.with_option_defaults(config.model)
+  return config
 
 
 def committed_steps(workdir):

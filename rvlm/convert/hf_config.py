@@ -158,6 +158,8 @@ def model_config(*, decoder, vit, projector_act_name, tied, provenance):
   m.vit.update(vit)
   m.projector.update(dict(kind="mlp", act=projector_act_name))
   m.recursion.update(dict(mode="none", num_steps=1))
+  # k = 4 sampled layers (L/4, L/2, 3L/4, L), or every layer of a shallower decoder.
+  m.connector.num_layers = min(int(m.connector.num_layers), int(m.decoder.depth))
   m.hf = ml_collections.ConfigDict(provenance)
   return m
 

@@ -117,6 +117,22 @@ def _read_export_extras(hf_dir):
   return model, extra
 
 
+def _groups(keys):
+  """'vision_tower.head.* (13), vision_tower.encoder.layers.2.* (16)': keys by module."""
+  counts = {}
+  for key in keys:
+    parts = key.split(".")
+    if "layers" in parts[:-2]:
+      cut = parts.index("layers") + 2
+    elif "head" in parts[:-1]:
+      cut = parts.index("head") + 1
+    else:
+      cut = len(parts) - 1
+    group = ".".join(parts[:cut]) + ".*"
+    counts[group] = counts.get(group, 0) + 1
+  return ", ".join(f"{g} ({n})" for g, n in sorted(counts.items()))
+
+
 def _check_accounted(ckpt, used, unused, vision_depth):
   extra = [k for k in ckpt.keys() - used if not keymap.is_unused(k, unused, vision_depth)]
   if extra:
@@ -128,6 +144,8 @@ def _check_accounted(ckpt, used, unused, vision_depth):
 def load_hf(hf_dir, vision_dir=None, seed=0):
   """Reads `hf_dir` (and `vision_dir`) into an `Imported`; writes nothing."""
   hf_dir = os.path.abspath(hf_dir)
+  if not os.path.isdir(hf_dir):
+    raise ConversionError(f"--hf_dir {hf_dir}: no such directory")
   config = read_json(os.path.join(hf_dir, "config.json"))
   layout, arch = hf_config.architecture(config, os.path.join(hf_dir, "config.json"))
   where = os.path.join(hf_dir, "config.json")
@@ -205,7 +223,7 @@ def load_hf(hf_dir, vision_dir=None, seed=0):
     flat.update(tensors)
     dropped = _check_accounted(checkpoint, used, unused, vdepth)
     if dropped:
-      notes.append(f"not used by rvlm ({checkpoint.dir}): {keymap._short(dropped, 6)}")  # pylint: disable=protected-access
+      notes.append(f"not used by rvlm ({checkpoint.dir}): {_groups(dropped)}")
   for path, value in extra.items():
     if path not in shapes or shapes[path] != value.shape:
       raise ConversionError(f"{hf_dir}/{RVLM_EXTRA}: {path} {value.shape} does not fit the "

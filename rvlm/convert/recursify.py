@@ -31,6 +31,7 @@ def recursive_config(model_cfg, num_steps, connector=None):
   m.recursion.update(dict(mode="connector", num_steps=int(num_steps)))
   if connector:
     m.connector.update(connector)
+  m.connector.num_layers = min(int(m.connector.num_layers), int(m.decoder.depth))
   if m.connector.init != "zeros" or m.connector.base != "embed":
     raise ValueError("recursify needs config.model.connector.init='zeros' and base='embed' "
                      f"(got {m.connector.init!r}, {m.connector.base!r}): only then does every "
@@ -72,6 +73,11 @@ def resolve_from_init(config):
   with config.ignore_type():
     config.model = ml_collections.ConfigDict(source.model.to_dict())
     config.model.update(own)
+    depth = int(config.model.decoder.depth)
+    if int(config.model.connector.num_layers) > depth:  # k = 4 on a shallower decoder
+      logging.info("connector.num_layers %d > decoder depth %d: sampling every layer",
+                   config.model.connector.num_layers, depth)
+      config.model.connector.num_layers = depth
     if source.data.tokenizer.get("kind") == "hf":
       config.data.tokenizer = ml_collections.ConfigDict(source.data.tokenizer.to_dict())
   config.model_from_init = False  # resolved: the saved config is self-contained

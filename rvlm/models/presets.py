@@ -124,3 +124,22 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
   if name not in PRESETS:
     raise ValueError(f"config.model preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
   return PRESETS[name]()
+
+
+def with_option_defaults(model_config) -> ml_collections.ConfigDict:
+  """`model_config` with every option it lacks set to its default (a copy).
+
+  A checkpoint's saved config predates the options added since it was written (e.g.
+  the HF-import biases); their defaults are what that model computed, so filling them
+  in lets old workdirs load. Sizes are never filled: every saved config has them.
+  """
+  filled = ml_collections.ConfigDict(model_config.to_dict())
+  defaults = small()
+  for key, value in defaults.items():
+    if key not in filled:
+      filled[key] = value
+    elif isinstance(value, ml_collections.ConfigDict):
+      for sub, sub_value in value.items():
+        if sub not in filled[key]:
+          filled[key][sub] = sub_value
+  return filled
