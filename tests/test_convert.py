@@ -273,6 +273,10 @@ def test_cli_import_inspect_check_export(hf_dirs, tmp_path):
   r = _cli("export", f"--workdir={out}", f"--out={tmp_path / 'exported'}")
   assert r.returncode == 0, r.stderr
   assert os.path.exists(tmp_path / "exported" / "model.safetensors")
+  r = _cli("recursify", f"--workdir={out}", f"--out={tmp_path / 'recursive'}", "--num_steps=4")
+  assert r.returncode == 0, r.stderr
+  r = _cli("inspect", f"--workdir={tmp_path / 'recursive'}")
+  assert "recursion connector R=4" in r.stdout and "connector/proj" in r.stdout, r.stdout
   r = _cli("import", f"--hf_dir={tmp_path / 'nowhere'}", f"--out={tmp_path / 'x'}")
   assert r.returncode == 2 and "no such directory" in r.stderr
   assert not (tmp_path / "x").exists()

@@ -604,3 +604,15 @@ def test_hf_flags_must_be_bools(part, field):
 def test_standard_mode_rejects_more_than_one_step():
   with pytest.raises(ValueError, match="recursion.num_steps"):
     vlm.make_model(tiny("none", 2))
+
+
+def test_saved_configs_without_newer_options_get_their_defaults():
+  """A checkpoint's config written before an option existed loads with its default."""
+  from rvlm import inference  # pylint: disable=g-import-not-at-top
+  saved = presets.tiny().to_dict()
+  for section, field in (("decoder", "qkv_bias"), ("vit", "final_norm"), ("projector", "act")):
+    del saved[section][field]
+  del saved["attention"]
+  config = inference._config_from({"model": saved}, "/nowhere")  # pylint: disable=protected-access
+  assert config.model.to_dict() == presets.tiny().to_dict()
+  vlm.check_model_config(config.model)
