@@ -336,3 +336,32 @@ def test_recursify_config_fine_tunes_an_imported_model_and_exports_it(hf_dirs, t
   with open(exported / "rvlm_config.json", encoding="utf-8") as f:
     rvlm_model = json.load(f)
   assert rvlm_model["recursion"] == {"mode": "connector", "num_steps": 2, "impl": "scan"}
+
+
+def test_predict_on_an_imported_llava_answers_as_transformers_generates(hf_dirs, tmp_path):
+  """rvlm.predict's greedy cached decoding of an imported LLaVA gives the tokens
+  transformers' generate() gives (image tokens first, then bos + prompt)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
+  path = hf_dirs["llava_qwen2_layer-2"]
+  imported = importer.write_workdir(importer.load_hf(path), str(tmp_path / "imported"))
+  Image.new("RGB", (30, 24), (250, 20, 90)).save(tmp_path / "x.png")
+  r = subprocess.run([sys.executable, "-m", "rvlm.predict", f"--workdir={imported}",
+                      "--prompt=w1 w2 w3", f"--image={tmp_path / 'x.png'}",
+                      "--max_new_tokens=4"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+  hf = transformers.LlavaForConditionalGeneration.from_pretrained(
+      path, attn_implementation="eager").eval()
+  # rvlm's image preprocessing: bilinear resize to the tower's size, [-1, 1].
+  img = np.asarray(Image.open(tmp_path / "x.png").convert("RGB").resize((16, 16),
+                                                                        Image.BILINEAR))
+  pixels = torch.from_numpy((img.astype(np.float32) / 127.5 - 1).transpose(2, 0, 1)[None].copy())
+  ids = [hf_models.IMAGE_TOKEN] * 16 + [1] + tok.encode("w1 w2 w3", add_special_tokens=False).ids
+  out = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=4,
+                    do_sample=False, eos_token_id=2, pad_token_id=0)
+  expected = tok.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+  assert r.stdout.strip().splitlines()[-1] == expected

@@ -254,14 +254,23 @@ def _fresh_out(out):
   return out
 
 
+def text_length(model):
+  """config.data.seq_len of an imported model: the text positions its HF config allows
+  after the image tokens (max_position_embeddings), at most 512."""
+  hf = model.get("hf") or {}
+  original = json.loads(hf.get("config_json") or "{}")
+  text = original.get("text_config") or original
+  n_img = (int(model.vit.image_size) // int(model.vit.patch_size)) ** 2
+  return max(16, min(512, int(text.get("max_position_embeddings") or 4096) - n_img))
+
+
 def full_config(model, tokenizer, out):
-  """configs/base.py with `model`, and the tokenizer the import copied into `out`."""
-  from configs import base  # pylint: disable=g-import-not-at-top
-  config = base.get_config()
-  config.model = model
+  """The config an imported workdir's checkpoint carries: what rvlm.predict, evaluate,
+  convert and config.model_from_init read (the model, tokenizer and text length)."""
+  data = dict(seq_len=text_length(model), tokenizer=dict(kind="embedded"))
   if tokenizer:
-    config.data.tokenizer.update(dict(tokenizer, path=os.path.join(out, "tokenizer.json")))
-  return config
+    data["tokenizer"] = dict(tokenizer, path=os.path.join(out, "tokenizer.json"))
+  return ml_collections.ConfigDict(dict(model=model, data=data, init_from=""))
 
 
 def write_workdir(imported, out):
