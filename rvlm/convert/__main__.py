@@ -12,6 +12,7 @@ mismatch, an unsupported architecture, an existing output) prints one line namin
 and exits 2 with nothing written; `check` exits 1 when a part differs by more than the
 tolerance.
 """
+import os
 import sys
 
 from absl import app
@@ -89,12 +90,11 @@ def run(command, fv):
       model, params = recursify.recursify(loaded.config.model, loaded.params, fv.num_steps,
                                           seed=fv.seed)
       tok = dict(loaded.config.data.tokenizer)
-      imported = importer.Imported(model=model, params=params, tokenizer=tok if
-                                   tok.get("kind") == "hf" else {}, hf_dir=loaded.workdir,
-                                   tokenizer_dir=None, notes=["recursified"])
-      if tok.get("kind") == "hf":
-        import os  # pylint: disable=g-import-not-at-top
-        imported.tokenizer_dir = os.path.dirname(tok["path"])
+      hf_tok = tok.get("kind") == "hf"
+      imported = importer.Imported(
+          model=model, params=params, tokenizer=tok if hf_tok else {}, hf_dir=loaded.workdir,
+          tokenizer_dir=os.path.dirname(tok["path"]) if hf_tok else None,
+          notes=[f"recursified {loaded.workdir} (R={fv.num_steps})"])
       out = importer.write_workdir(imported, fv.out)
       print(f"recursified {loaded.workdir} -> {out}: mode connector, R={fv.num_steps}, "
             "connector at zero (every step equals the original model)")

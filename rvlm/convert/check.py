@@ -14,6 +14,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from rvlm.convert import hf_config
 from rvlm.convert import importer
@@ -77,13 +78,7 @@ def _vision_only(hf_dir, config):
   prefix = keymap.find_prefix(ckpt.keys(), "vision", "vision", hf_dir)
   flat, _ = keymap.import_tensors(keymap.vision_rules(model, prefix), ckpt,
                                   importer.param_shapes(model))
-  params = {"vit": {}}
-  for path, value in flat.items():
-    node = params
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
+  params = traverse_util.unflatten_dict(flat, sep="/")
   return model, params
 
 
