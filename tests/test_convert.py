@@ -195,6 +195,19 @@ def test_missing_shard_is_named(hf_dirs, tmp_path):
   _expect_refusal(d, tmp_path, rf"shard\(s\) {shards[1]} .* are missing; they hold ")
 
 
+def test_bfloat16_checkpoint_is_widened_to_float32(hf_dirs, tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path / "bf16")
+  model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dirs["qwen2_gqa_untied"])
+  model.to(torch.bfloat16).save_pretrained(d)
+  params = _flat(importer.load_hf(d).params)
+  q = params["recursion/step/stack/layers/layer/attn/q/kernel"]
+  assert q.dtype == np.float32
+  want = model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().T.reshape(32, 4, 8)
+  np.testing.assert_array_equal(q[1], want)
+
+
 def test_unexpected_and_missing_keys_are_named(hf_dirs, tmp_path):
   d = _copy(hf_dirs["qwen2_mqa_tied"], tmp_path / "extra")
   _rewrite(os.path.join(d, "model.safetensors"),
