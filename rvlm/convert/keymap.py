@@ -184,6 +184,16 @@ def is_unused(key, patterns, vision_depth):
 
 # ---- the two directions -----------------------------------------------------------------
 
+def _aligned_empty(shape, dtype=np.float32, align=64):
+  """np.empty whose data starts on an `align`-byte boundary (numpy only promises 16;
+  XLA's CPU client copies a less aligned array once more to align it)."""
+  dtype = np.dtype(dtype)
+  nbytes = math.prod(shape) * dtype.itemsize
+  buf = np.empty(nbytes + align, np.uint8)
+  start = -buf.ctypes.data % align
+  return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def import_tensors(rules, checkpoint, want_shapes):
   """{rvlm path: float32 array} from `checkpoint` (an HFCheckpoint) by `rules`.
 
@@ -200,19 +210,27 @@ def import_tensors(rules, checkpoint, want_shapes):
       continue
     want = want_shapes[rule.path]
     one = want[1:] if rule.layers else want
-    arrays = []
-    for key in keys:
+    # Each layer is converted straight into its slot of one C-contiguous, 64-byte aligned
+    # array: no list of per-layer copies plus np.stack (twice the param at once), and
+    # jax takes it without an extra aligning copy of every param (`check`).
+    value = _aligned_empty(want)
+    for i, key in enumerate(keys):
       x = checkpoint.get(key)
       try:
-        arrays.append(_to_rvlm(rule, x, one))
+        converted = _to_rvlm(rule, x, one)
       except ValueError:
         raise ConversionError(
             f"{checkpoint.dir}: {key} has shape {tuple(x.shape)}, which does not convert to "
             f"rvlm's {rule.path} {tuple(one)} (the config.json says otherwise)") from None
-      if arrays[-1].shape != tuple(one):
+      if converted.shape != tuple(one):
         raise ConversionError(f"{checkpoint.dir}: {key} has shape {tuple(x.shape)}; rvlm's "
                               f"{rule.path} needs {tuple(one)}")
-    out[rule.path] = np.stack(arrays) if rule.layers else arrays[0]
+      if rule.layers:
+        value[i] = converted
+      else:
+        value[...] = converted
+      del x, converted
+    out[rule.path] = value
     used.update(keys)
   if missing:
     raise ConversionError(f"{checkpoint.dir}: missing keys {_short(missing)}")
