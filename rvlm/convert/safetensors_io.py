@@ -66,7 +66,7 @@ class HFCheckpoint:
       hint = (f"; it has {_listed(pickles)}, which rvlm does not read (pickle): convert "
               "them to safetensors first" if pickles else "")
       raise ConversionError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
-    self._open = {}
+    self._shapes = {}
 
   def keys(self):
     return set(self._shard_of)
@@ -74,31 +74,33 @@ class HFCheckpoint:
   def __contains__(self, key):
     return key in self._shard_of
 
-  def _handle(self, shard):
-    if shard not in self._open:
-      path = os.path.join(self.dir, shard)
-      try:
-        self._open[shard] = safe_open(path, framework="numpy")
-      except Exception as e:  # pylint: disable=broad-except  (safetensors raises several)
-        raise ConversionError(f"{path}: unreadable safetensors file "
-                              f"({type(e).__name__}: {e})") from None
-    return self._open[shard]
+  def _read(self, shard, fn):
+    # A fresh handle per read: a kept-open handle keeps the shard memory-mapped, and every
+    # page already read then counts towards the process's resident memory.
+    path = os.path.join(self.dir, shard)
+    try:
+      with safe_open(path, framework="numpy") as f:
+        return fn(f)
+    except Exception as e:  # pylint: disable=broad-except  (safetensors raises several)
+      raise ConversionError(f"{path}: unreadable safetensors file "
+                            f"({type(e).__name__}: {e})") from None
 
   def shape(self, key):
-    return tuple(self._handle(self._shard_of[key]).get_slice(key).get_shape())
+    shard = self._shard_of[key]
+    if shard not in self._shapes:
+      self._shapes[shard] = self._read(
+          shard, lambda f: {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return self._shapes[shard][key]
 
   def get(self, key):
-    """The tensor `key` as float32 numpy."""
+    """The tensor `key` as float32 numpy (read into memory, not a view of the file)."""
     if key not in self._shard_of:
       raise ConversionError(f"{self.dir}: missing tensor {key}")
-    handle = self._handle(self._shard_of[key])
-    try:
-      tensor = handle.get_tensor(key)
-    except Exception as e:  # pylint: disable=broad-except
-      raise ConversionError(f"{self.dir}/{self._shard_of[key]}: cannot read {key} "
-                            f"({type(e).__name__}: {e})") from None
-    if tensor.dtype == np.float32:
-      return tensor
+    tensor = self._read(self._shard_of[key], lambda f: f.get_tensor(key) if key in f.keys()
+                        else None)
+    if tensor is None:
+      raise ConversionError(f"{self.dir}/{self._shard_of[key]}: {INDEX_FILE} names {key}, "
+                            "but the shard does not hold it")
     return np.asarray(tensor, dtype=np.float32)
 
 
