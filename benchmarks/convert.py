@@ -19,23 +19,19 @@ memory-mapped files (safetensors shards; transformers 5 keeps its weights mmappe
 The HF tensors are read one at a time; import's peak is usually the orbax save of the
 workdir (it copies every array and holds their compressed chunks), not the reading.
 """
-import datetime
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 from absl import app
 from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks.common import GIB, machine, run_child  # noqa: E402  pylint: disable=g-import-not-at-top
 
 flags.DEFINE_integer("layers", 24, "num_hidden_layers")
 flags.DEFINE_integer("hidden", 896, "hidden_size")
@@ -56,8 +52,6 @@ flags.DEFINE_float("tolerance", 1e-3, "check --tolerance")
 flags.DEFINE_string("json", None, "Also write the figures here as JSON")
 flags.DEFINE_bool("build_only", False, "Internal: build the model into --hf_dir and exit")
 FLAGS = flags.FLAGS
-
-GIB = float(1 << 30)
 
 
 def build(hf_dir):
@@ -107,69 +101,8 @@ def du(path):
              for root, _, names in os.walk(path) for n in names)
 
 
-def _sample_rss(pid, peaks, done):
-  """Polls /proc/PID/status: the largest anonymous and file-backed RSS seen (sampled)."""
-  while not done.is_set():
-    try:
-      with open(f"/proc/{pid}/status") as f:
-        for line in f:
-          field, _, value = line.partition(":")
-          if field in ("RssAnon", "RssFile"):
-            peaks[field] = max(peaks.get(field, 0), int(value.split()[0]) * 1024)
-    except (OSError, ValueError):
-      pass
-    done.wait(0.05)
-
-
-def run_child(args, log_dir, name):
-  """Runs `args`; returns {seconds, peak_rss_bytes, peak_anon_bytes, peak_file_bytes, rc,
-  stdout, stderr} of that child. peak_rss_bytes is the kernel's (ru_maxrss); the anon /
-  file split is sampled every 50 ms (file: pages of memory-mapped files, e.g. shards)."""
-  out_path = os.path.join(log_dir, name + ".out")
-  err_path = os.path.join(log_dir, name + ".err")
-  peaks, done = {}, threading.Event()
-  with open(out_path, "w") as out, open(err_path, "w") as err:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=err)
-    sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, done), daemon=True)
-    sampler.start()
-    # wait4, not communicate(): the rusage of this child alone (RUSAGE_CHILDREN would be
-    # the largest peak of every child so far).
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-  proc.returncode = os.waitstatus_to_exitcode(status)
-  with open(out_path) as f:
-    stdout = f.read()
-  with open(err_path) as f:
-    stderr = f.read()
-  return dict(seconds=seconds, peak_rss_bytes=usage.ru_maxrss * 1024,
-              peak_anon_bytes=peaks.get("RssAnon", 0), peak_file_bytes=peaks.get("RssFile", 0),
-              rc=proc.returncode, stdout=stdout, stderr=stderr)
-
-
 def convert(*args):
   return [sys.executable, "-m", "rvlm.convert", *args]
-
-
-def machine():
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-  except OSError:
-    pass
-
-  def version(pkg):
-    try:
-      return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-      return "not installed"
-  return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
-              jax=version("jax"), transformers=version("transformers"), torch=version("torch"),
-              safetensors=version("safetensors"), orbax=version("orbax-checkpoint"),
-              date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
 BASELINE = ("import rvlm.convert.importer, rvlm.convert.exporter, rvlm.inference; "

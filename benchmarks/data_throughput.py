@@ -13,13 +13,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/base.py", "Config file.")
-_WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker counts to measure.")
-_BATCHES = flags.DEFINE_integer("batches", 60, "Timed batches per setting.")
-_WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed batches (worker start-up).")
-_RATE = flags.DEFINE_float("consume_rate", 200.0, "Trainer examples/s to compare to.")
-
-
 def measure(config, batches, warmup):
   """examples/s of the train iterator over `batches` batches after `warmup`."""
   from rvlm import data  # pylint: disable=g-import-not-at-top
@@ -37,15 +30,21 @@ def measure(config, batches, warmup):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = FLAGS.config
   print(f"data={config.data.name} batch={config.data.batch_size} "
         f"image={config.model.vit.image_size} seq_len={config.data.seq_len}")
-  for w in _WORKERS.value:
+  for w in FLAGS.workers:
     config.data.num_workers = int(w)
-    rate = measure(config, _BATCHES.value, _WARMUP.value)
-    print(f"num_workers={w}: {rate:8.0f} examples/s = {rate / _RATE.value:5.1f}x the "
-          f"consume rate of {_RATE.value:.0f} examples/s")
+    rate = measure(config, FLAGS.batches, FLAGS.warmup)
+    print(f"num_workers={w}: {rate:8.0f} examples/s = {rate / FLAGS.consume_rate:5.1f}x the "
+          f"consume rate of {FLAGS.consume_rate:.0f} examples/s")
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", "configs/base.py", "Config file.")
+  flags.DEFINE_list("workers", ["0", "2"], "Worker counts to measure.")
+  flags.DEFINE_integer("batches", 60, "Timed batches per setting.")
+  flags.DEFINE_integer("warmup", 5, "Untimed batches (worker start-up).")
+  flags.DEFINE_float("consume_rate", 200.0, "Trainer examples/s to compare to.")
+  FLAGS = flags.FLAGS
   app.run(main)

@@ -97,10 +97,15 @@ def test_standard_and_vanilla_have_the_same_params():
 # ---- scan and loop -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "connector"])
-def test_scan_and_loop_recursion_agree(mode):
-  """Equal outputs and gradients; tolerance 1e-6 abs/rel (float32, same op order)."""
-  cfg_scan, cfg_loop = tiny(mode, 3), tiny(mode, 3, **{"recursion.impl": "loop"})
+@pytest.mark.parametrize("mode,remat", [("vanilla", False), ("connector", False),
+                                        ("connector", True)])
+def test_scan_and_loop_recursion_agree(mode, remat):
+  """Equal outputs and gradients; tolerance 1e-6 abs/rel (float32, same op order).
+
+  remat: the loop checkpoints each step (recursion.remat) and the scan does not, so
+  the recomputed backward pass is checked against the stored one too."""
+  cfg_scan = tiny(mode, 3)
+  cfg_loop = tiny(mode, 3, **{"recursion.impl": "loop", "recursion.remat": remat})
   model_s, params = init(cfg_scan)
   model_l, params_l = init(cfg_loop)
   assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(params_l)
@@ -121,8 +126,10 @@ def test_scan_and_loop_recursion_agree(mode):
   # backends that fuse the unrolled loop differently.
   np.testing.assert_allclose(hs, hl, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(ls, ll, rtol=1e-6)
+  # The recomputed forward is fused differently: gradients then differ by up to 2.5e-6
+  # (measured, on entries near zero), so remat gets atol 1e-5.
   for a, b in zip(jax.tree_util.tree_leaves(gs), jax.tree_util.tree_leaves(gl)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 if remat else 1e-6)
 
 
 def test_scanned_and_unrolled_layers_agree():

@@ -5,6 +5,7 @@ fields (`--config.model.decoder.depth=8`), so every size shares one schema.
 
 `tiny`  : unit tests (a few thousand params, compiles in seconds).
 `small` : the CPU default of configs/base.py.
+`medium`: ~20M params, the larger CPU benchmark shape (benchmarks/run.py).
 `1b`, `3b`: real-scale shapes (SigLIP-So400m/14 vision tower, Qwen2-class decoders);
            their parameter counts are checked with `jax.eval_shape` in the tests.
 """
@@ -61,6 +62,10 @@ def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True):
           # scan: outer nn.scan with broadcast params (compile time flat in R);
           # loop: Python loop over the same bound stack. Outputs are equal.
           impl="scan",
+          # jax.checkpoint around each whole step: the backward pass keeps only the step
+          # inputs and recomputes one step at a time, so activation memory barely grows
+          # with R (for ~1 extra forward). Composes with remat_policy (per layer).
+          remat=False,
       ),
       connector=dict(
           num_layers=4,              # k sampled layers: ceil(i*L/k), i = 1..k
@@ -97,6 +102,17 @@ _SO400M = dict(image_size=224, patch_size=14, width=1152, depth=27, num_heads=16
                mlp_dim=4304)
 
 
+def medium():
+  # The CPU-sized benchmark model (benchmarks/run.py): ~20M params, with matmuls wide
+  # enough (512) for a CPU's BLAS to approach its peak, unlike `small`'s 128.
+  return _model(
+      vocab_size=256,
+      vit=dict(image_size=32, patch_size=8, width=256, depth=2, num_heads=4, mlp_dim=1024),
+      decoder=dict(width=512, depth=6, num_heads=8, num_kv_heads=4, head_dim=64,
+                   mlp_dim=1536, rope_theta=10_000.0, norm_eps=1e-6),
+  )
+
+
 def rvlm_1b():
   # So400m/14 (~0.41B) + a Qwen2-0.5B-shaped decoder (28 layers; ~0.56B incl. tied embeddings).
   return _model(
@@ -117,7 +133,7 @@ def rvlm_3b():
   )
 
 
-PRESETS = {"tiny": tiny, "small": small, "1b": rvlm_1b, "3b": rvlm_3b}
+PRESETS = {"tiny": tiny, "small": small, "medium": medium, "1b": rvlm_1b, "3b": rvlm_3b}
 
 
 def get_preset(name: str) -> ml_collections.ConfigDict:

@@ -7,6 +7,7 @@ Modes (config.model.recursion.mode):
 
 `impl='scan'` runs the steps under an outer `nn.scan` with the params broadcast (one
 copy, compile time flat in R); `impl='loop'` calls the same bound submodule R times.
+`remat=True` wraps each step in jax.checkpoint (training memory flat in R).
 Both build the identical param tree (`step/stack/...`, `step/connector/...`) and give
 equal outputs; no params are ever duplicated across steps.
 """
@@ -58,6 +59,7 @@ class Recursion(nn.Module):
   impl: str
   stack_kwargs: dict
   connector_kwargs: dict
+  remat: bool = False
 
   @nn.compact
   def __call__(self, e0, mask, positions, num_steps: int | None = None):
@@ -67,13 +69,18 @@ class Recursion(nn.Module):
       raise ValueError(f"num_steps={steps} is invalid for recursion mode {self.mode!r}")
     kwargs = dict(mode=self.mode, stack_kwargs=self.stack_kwargs,
                   connector_kwargs=self.connector_kwargs, name="step")
+    # Under remat the backward pass saves each step's inputs (e_prev; e0, mask and
+    # positions are shared) and recomputes the step's activations from them. Inside a
+    # scan XLA cannot CSE the recomputation away, so the barrier is only needed unrolled.
+    step_cls = (nn.remat(RecursionStep, prevent_cse=self.impl != "scan") if self.remat
+                else RecursionStep)
     if self.impl == "scan":
-      scanned = nn.scan(RecursionStep, variable_broadcast="params",
+      scanned = nn.scan(step_cls, variable_broadcast="params",
                         split_rngs={"params": False},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=steps)
       _, (hidden, inputs) = scanned(**kwargs)(e0, e0, mask, positions)
       return hidden, inputs
-    step = RecursionStep(**kwargs)
+    step = step_cls(**kwargs)
     e, hs, es = e0, [], []
     for _ in range(steps):
       e, (h, e_in) = step(e, e0, mask, positions)

@@ -78,6 +78,7 @@ def check_model_config(cfg: ml_collections.ConfigDict) -> None:
     _fail("recursion.mode", rec.mode, f"unknown; choose one of {MODES}")
   if rec.impl not in IMPLS:
     _fail("recursion.impl", rec.impl, f"unknown; choose one of {IMPLS}")
+  _check_bool("recursion.remat", rec.remat)
   if rec.num_steps < 1:
     _fail("recursion.num_steps", rec.num_steps, "R must be >= 1")
   if rec.mode == "none" and rec.num_steps != 1:
@@ -147,7 +148,7 @@ class VLM(nn.Module):
                           embedding_init=nn.with_logical_partitioning(
                               nn.initializers.normal(0.02), ("vocab", "embed")))
     self.recursion = Recursion(cfg.recursion.mode, cfg.recursion.num_steps, cfg.recursion.impl,
-                               **step_kwargs(cfg))
+                               remat=cfg.recursion.remat, **step_kwargs(cfg))
     self.final_norm = layers.RMSNorm(dec.norm_eps)
     if not cfg.tie_embeddings:
       self.lm_head = layers.Dense((cfg.vocab_size,), ("embed", "vocab"), dtype=dtype)

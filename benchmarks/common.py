@@ -1,0 +1,92 @@
+"""What the benchmarks share: the machine's description, timing, and running a child
+process for its own peak memory."""
+import datetime
+import importlib.metadata
+import os
+import platform
+import subprocess
+import threading
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = float(1 << 30)
+
+
+def version(pkg):
+  try:
+    return importlib.metadata.version(pkg)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def machine():
+  """CPU model, core count, package versions and the date: figures mean little without."""
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  return dict(cpu=cpu, cores=os.cpu_count(), python=platform.python_version(),
+              jax=version("jax"), flax=version("flax"), transformers=version("transformers"),
+              torch=version("torch"), safetensors=version("safetensors"),
+              orbax=version("orbax-checkpoint"),
+              date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+
+
+def timed(fn, repeats, warmup=1):
+  """(median seconds of `repeats` calls of fn() after `warmup` untimed ones, all seconds).
+
+  fn must block until its work is done (e.g. end in jax.block_until_ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), times
+
+
+def _sample_rss(pid, peaks, done):
+  """Polls /proc/PID/status: the largest anonymous and file-backed RSS seen (sampled)."""
+  while not done.is_set():
+    try:
+      with open(f"/proc/{pid}/status") as f:
+        for line in f:
+          field, _, value = line.partition(":")
+          if field in ("RssAnon", "RssFile"):
+            peaks[field] = max(peaks.get(field, 0), int(value.split()[0]) * 1024)
+    except (OSError, ValueError):
+      pass
+    done.wait(0.05)
+
+
+def run_child(args, log_dir, name, env=None):
+  """Runs `args`; returns {seconds, peak_rss_bytes, peak_anon_bytes, peak_file_bytes, rc,
+  stdout, stderr} of that child. peak_rss_bytes is the kernel's (ru_maxrss); the anon /
+  file split is sampled every 50 ms (file: pages of memory-mapped files, e.g. shards)."""
+  out_path = os.path.join(log_dir, name + ".out")
+  err_path = os.path.join(log_dir, name + ".err")
+  peaks, done = {}, threading.Event()
+  with open(out_path, "w") as out, open(err_path, "w") as err:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=err, env=env)
+    sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, done), daemon=True)
+    sampler.start()
+    # wait4, not communicate(): the rusage of this child alone (RUSAGE_CHILDREN would be
+    # the largest peak of every child so far).
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  with open(out_path) as f:
+    stdout = f.read()
+  with open(err_path) as f:
+    stderr = f.read()
+  return dict(seconds=seconds, peak_rss_bytes=usage.ru_maxrss * 1024,
+              peak_anon_bytes=peaks.get("RssAnon", 0), peak_file_bytes=peaks.get("RssFile", 0),
+              rc=proc.returncode, stdout=stdout, stderr=stderr)
