@@ -551,13 +551,16 @@ def train_step(model: TorchVLM, opt: AdamW, batch, loss_config, loss=None):
 def rvlm_init_params(config) -> dict:
   """The trainer's initial params (rvlm.train.init_train_state for config.seed), as a
   nested dict of float32 numpy arrays."""
+  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from flax import linen as flax_nn  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
   from rvlm import train  # pylint: disable=g-import-not-at-top
   from rvlm.models import vlm  # pylint: disable=g-import-not-at-top
-  model = vlm.make_model(config.model)
-  params_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
-  params = jax.jit(model.init)(params_rng, train.dummy_batch(config, 1))["params"]
+  # The trainer's own init (its rng split included); the optimizer state is not needed.
+  init = functools.partial(train.init_train_state, model=vlm.make_model(config.model),
+                           tx=optax.identity(), config=config)
+  params = jax.jit(init)(jax.random.PRNGKey(config.seed))["params"]
   return jax.tree.map(np.asarray, flax_nn.meta.unbox(params))
 
 
