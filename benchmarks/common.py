@@ -36,10 +36,13 @@ def machine():
               date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
-def timed(fn, repeats, warmup=1):
+def timed(fn, repeats, warmup=1, max_s=None):
   """(median seconds of `repeats` calls of fn() after `warmup` untimed ones, all seconds).
 
-  fn must block until its work is done (e.g. end in jax.block_until_ready)."""
+  With `max_s`, stops early once the timed calls have taken that long (at least one is
+  timed): a slow path (torch's bf16 matmul on a CPU without bf16 GEMMs runs at ~1
+  GFLOP/s) then costs seconds, not minutes. fn must block until its work is done (e.g.
+  end in jax.block_until_ready)."""
   for _ in range(warmup):
     fn()
   times = []
@@ -47,6 +50,8 @@ def timed(fn, repeats, warmup=1):
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
+    if max_s is not None and sum(times) >= max_s:
+      break
   return float(np.median(times)), times
 
 
