@@ -56,13 +56,14 @@ def timed(fn, repeats, warmup=1, max_s=None):
 
 
 def _sample_rss(pid, peaks, done):
-  """Polls /proc/PID/status: the largest anonymous and file-backed RSS seen (sampled)."""
+  """Polls /proc/PID/status: the process's RSS high-water mark (VmHWM) and the largest
+  anonymous and file-backed RSS seen (sampled)."""
   while not done.is_set():
     try:
       with open(f"/proc/{pid}/status") as f:
         for line in f:
           field, _, value = line.partition(":")
-          if field in ("RssAnon", "RssFile"):
+          if field in ("VmHWM", "RssAnon", "RssFile"):
             peaks[field] = max(peaks.get(field, 0), int(value.split()[0]) * 1024)
     except (OSError, ValueError):
       pass
@@ -71,8 +72,10 @@ def _sample_rss(pid, peaks, done):
 
 def run_child(args, log_dir, name, env=None):
   """Runs `args`; returns {seconds, peak_rss_bytes, peak_anon_bytes, peak_file_bytes, rc,
-  stdout, stderr} of that child. peak_rss_bytes is the kernel's (ru_maxrss); the anon /
-  file split is sampled every 50 ms (file: pages of memory-mapped files, e.g. shards)."""
+  stdout, stderr} of that child, sampled from /proc every 50 ms (file: pages of
+  memory-mapped files, e.g. shards). peak_rss_bytes is the child's VmHWM, not getrusage's
+  ru_maxrss: Linux carries the parent's RSS at fork into the child's ru_maxrss, so a
+  child of a large benchmark process read as large as its parent."""
   out_path = os.path.join(log_dir, name + ".out")
   err_path = os.path.join(log_dir, name + ".err")
   peaks, done = {}, threading.Event()
@@ -81,17 +84,14 @@ def run_child(args, log_dir, name, env=None):
     proc = subprocess.Popen(args, cwd=REPO, stdout=out, stderr=err, env=env)
     sampler = threading.Thread(target=_sample_rss, args=(proc.pid, peaks, done), daemon=True)
     sampler.start()
-    # wait4, not communicate(): the rusage of this child alone (RUSAGE_CHILDREN would be
-    # the largest peak of every child so far).
-    _, status, usage = os.wait4(proc.pid, 0)
+    status = proc.wait()
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
-  proc.returncode = os.waitstatus_to_exitcode(status)
   with open(out_path) as f:
     stdout = f.read()
   with open(err_path) as f:
     stderr = f.read()
-  return dict(seconds=seconds, peak_rss_bytes=usage.ru_maxrss * 1024,
+  return dict(seconds=seconds, peak_rss_bytes=peaks.get("VmHWM", 0),
               peak_anon_bytes=peaks.get("RssAnon", 0), peak_file_bytes=peaks.get("RssFile", 0),
-              rc=proc.returncode, stdout=stdout, stderr=stderr)
+              rc=status, stdout=stdout, stderr=stderr)
