@@ -46,6 +46,8 @@ flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, of {SECTIONS}.")
 flags.DEFINE_list("presets", ["small", "medium"], "Presets of the train and torch sections.")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of the train section.")
 flags.DEFINE_integer("batch", 0, "Batch size of the train / torch sections (0: per preset).")
+flags.DEFINE_integer("peak_size", 0, "n of the peak section's n x n matmul (0: 2048, 1024 "
+                     "with --quick).")
 flags.DEFINE_integer("threads", 0, "torch threads (0: os.cpu_count(), as XLA uses).")
 FLAGS = flags.FLAGS
 
@@ -74,7 +76,7 @@ def preset_config(preset, dtype="float32", batch=0, **model):
 # ---- peak ---------------------------------------------------------------------------
 def matmul_peak(quick):
   """GFLOP/s of an n x n matmul, jax and torch, f32 and bf16; the limit is the larger."""
-  n = 1024 if quick else 2048
+  n = FLAGS.peak_size or (1024 if quick else 2048)
   repeats = 5 if quick else 10
   out = {"n": n}
   for dtype in ("float32", "bfloat16"):
