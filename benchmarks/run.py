@@ -43,7 +43,8 @@ flags.DEFINE_string("out", None, "Directory for summary.json and results.json.")
 flags.DEFINE_bool("quick", False, "Fewer sizes and repeats: a smoke run of every section "
                   "(its figures are noisier; the goals are judged on a full run).")
 flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, of {SECTIONS}.")
-flags.DEFINE_list("presets", ["small", "medium"], "Presets of the train and torch sections.")
+flags.DEFINE_list("presets", ["small", "medium"],
+                  "Presets of the train, torch and decode sections.")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of the train section.")
 flags.DEFINE_integer("batch", 0, "Batch size of the train / torch sections (0: per preset).")
 flags.DEFINE_integer("peak_size", 0, "n of the peak section's n x n matmul (0: 2048, 1024 "
@@ -211,13 +212,18 @@ def memory_section(quick, log_dir):
 
 # ---- decode -------------------------------------------------------------------------
 def decode_section(quick):
+  """Cached per-token latency at depth 1..2R for each of --presets (random params)."""
+  return {preset: _decode_latency(preset, quick) for preset in FLAGS.presets}
+
+
+def _decode_latency(preset, quick):
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from rvlm import data as data_lib  # pylint: disable=g-import-not-at-top
   from rvlm import decode  # pylint: disable=g-import-not-at-top
   from rvlm import generation_eval  # pylint: disable=g-import-not-at-top
   from rvlm import train  # pylint: disable=g-import-not-at-top
   from rvlm.models import vlm  # pylint: disable=g-import-not-at-top
-  config = preset_config("small")
+  config = preset_config(preset)
   model = vlm.make_model(config.model)
   params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0),
                                         train.dummy_batch(config, 1))["params"])
@@ -237,7 +243,7 @@ def decode_section(quick):
   base_ms = rows[1]["ms_per_token"]
   for depth, row in rows.items():
     row["ratio_to_depth_x_r1"] = row["ms_per_token"] / (depth * base_ms)
-    print(f"  depth {depth}  {row['ms_per_token']:7.2f} ms/token  = "
+    print(f"  {preset:<7} depth {depth}  {row['ms_per_token']:7.2f} ms/token  = "
           f"{row['ratio_to_depth_x_r1']:.2f} x (depth x depth 1's)", flush=True)
   return rows
 
@@ -286,8 +292,9 @@ def summarise(res):
   if "pipeline" in res:
     s["pipeline_ratio"] = res["pipeline"]["ratio"]
   if "decode" in res:
-    s["decode_latency_ratio_by_depth"] = {str(d): r["ratio_to_depth_x_r1"]
-                                          for d, r in res["decode"].items()}
+    s["decode_latency_ratio_by_depth"] = {
+        p: {str(d): r["ratio_to_depth_x_r1"] for d, r in rows.items()}
+        for p, rows in res["decode"].items()}
   goals = []
 
   def goal(name, value, ok):
@@ -307,9 +314,10 @@ def summarise(res):
        lambda v: v <= 2)
   goal("data pipeline >= 5x the trainer's consumption", s.get("pipeline_ratio"),
        lambda v: v >= 5)
-  for d, v in s.get("decode_latency_ratio_by_depth", {}).items():
-    goal(f"decode latency at depth {d} within 10% of {d} x depth 1's", v,
-         lambda v: abs(v - 1) <= 0.1)
+  for preset, by_depth in s.get("decode_latency_ratio_by_depth", {}).items():
+    for d, v in by_depth.items():
+      goal(f"{preset}: decode latency at depth {d} within 10% of {d} x depth 1's", v,
+           lambda v: abs(v - 1) <= 0.1)
   s["goals"] = goals
   return s
 
