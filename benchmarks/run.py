@@ -344,7 +344,8 @@ def main(argv):
       if section == "peak":
         res["peak"] = matmul_peak(FLAGS.quick)
         p = res["peak"]
-        print("  " + "  ".join(f"{k} {v:.1f}" for k, v in p.items() if not k.endswith("n"))
+        print("  " + "  ".join(f"{k} {v:.1f}" for k, v in p.items()
+                           if k != "n" and not k.endswith("_n"))  # sizes, not rates
               + f" GFLOP/s ({p['n']}x{p['n']} matmul)", flush=True)
       elif section == "train":
         res["train"] = train_section(res["peak"], FLAGS.quick)
