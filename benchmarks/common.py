@@ -37,7 +37,8 @@ def machine():
     flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
   except OSError:
     pass
-  return dict(cpu=cpu, isa=[f for f in ISA_FLAGS if f in flags], cores=os.cpu_count(), python=platform.python_version(),
+  return dict(cpu=cpu, isa=[f for f in ISA_FLAGS if f in flags], cores=os.cpu_count(),
+              python=platform.python_version(),
               jax=version("jax"), flax=version("flax"), transformers=version("transformers"),
               torch=version("torch"), safetensors=version("safetensors"),
               orbax=version("orbax-checkpoint"),
