@@ -9,7 +9,8 @@ Sections (docs/performance.md has the tables of a full run and what they mean):
   torch     a plain-PyTorch copy of the same model, loss and AdamW
             (benchmarks/torch_reference.py), checked to compute rvlm's loss on the same
             batch before it is timed, eager and under torch.compile
-  remat     the small preset's step under each remat setting and recursion impl (R = 3)
+  remat     each --remat_presets preset's step (small by default) under each remat
+            setting and recursion impl (R = 3)
   scaling   compile and step time for R = 1, 2, 4, 8, recursion under scan and loop
   memory    the compiled step's temp memory for R = 1..8 with each remat setting, and
             the peak RSS of a process running that step
@@ -20,6 +21,7 @@ a ratio within one run. `DIR/summary.json` holds the headline ratios and the goa
 `DIR/results.json` every figure.
 """
 import functools
+import itertools
 import json
 import os
 import sys
@@ -45,6 +47,8 @@ flags.DEFINE_bool("quick", False, "Fewer sizes and repeats: a smoke run of every
 flags.DEFINE_list("only", list(SECTIONS), f"Sections to run, of {SECTIONS}.")
 flags.DEFINE_list("presets", ["small", "medium"],
                   "Presets of the train, torch and decode sections.")
+flags.DEFINE_list("remat_presets", ["small"],
+                  "Presets of the remat section (medium adds minutes per setting).")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes of the train section.")
 flags.DEFINE_integer("batch", 0, "Batch size of the train / torch sections (0: per preset).")
 flags.DEFINE_integer("peak_size", 0, "n of the peak section's n x n matmul (0: 2048, 1024 "
@@ -146,22 +150,22 @@ def _rate(row):
 
 
 # ---- remat --------------------------------------------------------------------------
-def remat_section(peak, quick):
+def remat_section(peak, quick, presets):
   """What saving fewer activations buys on this machine: the profile of the default
   step (docs/performance.md) is dominated by writing, zero-filling and reading the
-  scans' stacked residuals, not by the matmuls."""
+  scans' stacked residuals, not by the matmuls. {preset: {impl/setting: figures}}."""
   rows = {}
-  for impl in ("scan", "loop"):
-    for name, (policy, step_remat) in REMAT.items():
-      config = preset_config("small", **{"remat_policy": policy, "recursion.remat": step_remat,
-                                         "recursion.impl": impl})
-      m = train_step.measure(config, iters=3 if quick else 10)
-      m["mfu"] = m["gflops_per_s"] / peak["float32"]
-      rows[f"{impl}/{name}"] = m
-      print(f"  {impl:<4} remat {name:<9}  step {1e3 * m['step_s']:7.1f} ms  "
-            f"{m['examples_per_s']:6.1f} ex/s  MFU {100 * m['mfu']:5.1f}%  executed "
-            f"{m['executed_flops'] / m['flops']:.2f}x the model's FLOPs  temp "
-            f"{m['memory']['temp'] / 2**20:6.1f} MiB", flush=True)
+  for preset, impl, (name, (policy, step_remat)) in itertools.product(
+      presets, ("scan", "loop"), REMAT.items()):
+    config = preset_config(preset, **{"remat_policy": policy, "recursion.remat": step_remat,
+                                      "recursion.impl": impl})
+    m = train_step.measure(config, iters=3 if quick else 10)
+    m["mfu"] = m["gflops_per_s"] / peak["float32"]
+    rows.setdefault(preset, {})[f"{impl}/{name}"] = m
+    print(f"  {preset:<7} {impl:<4} remat {name:<9}  step {1e3 * m['step_s']:7.1f} ms  "
+          f"{m['examples_per_s']:6.1f} ex/s  MFU {100 * m['mfu']:5.1f}%  executed "
+          f"{m['executed_flops'] / m['flops']:.2f}x the model's FLOPs  temp "
+          f"{m['memory']['temp'] / 2**20:6.1f} MiB", flush=True)
   return rows
 
 
@@ -276,11 +280,13 @@ def summarise(res):
   if "torch" in res:
     s["torch_eager_ratio"] = {p: r["eager"]["rvlm_ratio"] for p, r in res["torch"].items()}
     s["torch_compile_ratio"] = {p: r["compile"]["rvlm_ratio"] for p, r in res["torch"].items()}
-  if "remat" in res:
-    best = min(res["remat"].items(), key=lambda kv: kv[1]["step_s"])
-    s["small_fastest_setting"] = dict(setting=best[0], mfu=best[1]["mfu"],
-                                      speedup=res["remat"]["scan/none"]["step_s"]
-                                      / best[1]["step_s"])
+  if "remat" in res:  # the fastest setting per preset, and its speed-up over scan/none
+    s["fastest_remat_setting"] = {}
+    for preset, rows in res["remat"].items():
+      best = min(rows.items(), key=lambda kv: kv[1]["step_s"])
+      s["fastest_remat_setting"][preset] = dict(
+          setting=best[0], mfu=best[1]["mfu"],
+          speedup=rows["scan/none"]["step_s"] / best[1]["step_s"])
   if "scaling" in res:
     sc = res["scaling"]
     s["compile_ratio_r8"] = sc["scan/R8"]["compile_s"] / sc["scan/R1"]["compile_s"]
@@ -353,7 +359,7 @@ def main(argv):
       elif section == "torch":
         res["torch"] = torch_section(res.get("train", {}), FLAGS.quick)
       elif section == "remat":
-        res["remat"] = remat_section(res["peak"], FLAGS.quick)
+        res["remat"] = remat_section(res["peak"], FLAGS.quick, FLAGS.remat_presets)
       elif section == "scaling":
         res["scaling"] = scaling_section(FLAGS.quick)
       elif section == "memory":

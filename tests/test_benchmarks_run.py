@@ -19,8 +19,11 @@ def _results(small_mfu=0.5, eager=1.5, decode_ratio=1.09):
            "small/bfloat16": {"mfu": 0.2}}
   torch = {"small": {"eager": {"rvlm_ratio": eager}, "compile": {"rvlm_ratio": 0.9}},
            "medium": {"eager": {"rvlm_ratio": 1.2}, "compile": {"rvlm_ratio": 1.0}}}
-  remat = {"scan/none": {"step_s": 2.0, "mfu": 0.3}, "scan/full": {"step_s": 1.0, "mfu": 0.6},
-           "loop/dots": {"step_s": 1.25, "mfu": 0.5}}
+  remat = {"small": {"scan/none": {"step_s": 2.0, "mfu": 0.3},
+                     "scan/full": {"step_s": 1.0, "mfu": 0.6},
+                     "loop/dots": {"step_s": 1.25, "mfu": 0.5}},
+           "medium": {"scan/none": {"step_s": 3.0, "mfu": 0.4},
+                      "loop/dots": {"step_s": 2.0, "mfu": 0.6}}}
   scaling = {"scan/R1": {"compile_s": 10.0, "step_s": 0.5},
              "scan/R8": {"compile_s": 16.0, "step_s": 3.5}}
   memory = {"step/R1": {"temp_bytes": 100}, "step/R8": {"temp_bytes": 250},
@@ -39,7 +42,9 @@ def test_summary_figures_are_ratios_of_the_results():
   assert s["mfu"] == {"small": 0.5, "medium": 0.79} and s["mfu_bf16"] == {"small": 0.2}
   assert s["torch_eager_ratio"] == {"small": 1.5, "medium": 1.2}
   assert s["torch_compile_ratio"] == {"small": 0.9, "medium": 1.0}
-  assert s["small_fastest_setting"] == {"setting": "scan/full", "mfu": 0.6, "speedup": 2.0}
+  assert s["fastest_remat_setting"] == {
+      "small": {"setting": "scan/full", "mfu": 0.6, "speedup": 2.0},
+      "medium": {"setting": "loop/dots", "mfu": 0.6, "speedup": 1.5}}
   assert s["compile_ratio_r8"] == pytest.approx(1.6) and s["step_ratio_r8"] == pytest.approx(7)
   assert s["memory_ratio_r8"] == pytest.approx(2.5)
   assert s["memory_ratio_r8_no_remat"] == pytest.approx(7)
