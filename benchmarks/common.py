@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from rvlm.experiments import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = float(1 << 30)
 
@@ -21,23 +23,11 @@ def version(pkg):
     return "not installed"
 
 
-# The vector / matrix extensions that decide which library wins a matmul: "Intel Xeon
-# Processor" alone hides whether oneDNN can use AMX, which XLA:CPU does not.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-
-
 def machine():
   """CPU model and ISA, core count, package versions and the date: figures mean little
   without."""
-  cpu, flags = platform.processor(), set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = f.read().splitlines()
-    cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
-    flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
-  except OSError:
-    pass
-  return dict(cpu=cpu, isa=[f for f in ISA_FLAGS if f in flags], cores=os.cpu_count(),
+  cpu, isa = report.cpu_info()
+  return dict(cpu=cpu, isa=isa, cores=os.cpu_count(),
               python=platform.python_version(),
               jax=version("jax"), flax=version("flax"), transformers=version("transformers"),
               torch=version("torch"), safetensors=version("safetensors"),

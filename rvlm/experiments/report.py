@@ -37,20 +37,28 @@ def parse_override(text):
   return field, value
 
 
+# The vector / matrix extensions that decide which library wins a matmul: "Intel Xeon
+# Processor" alone hides whether oneDNN can use AMX, which XLA:CPU does not.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
 def machine():
-  return {"platform": platform.platform(), "processor": _cpu_name(),
+  return {"platform": platform.platform(), "processor": cpu_info()[0],
           "cpu_count": os.cpu_count(), "python": platform.python_version()}
 
 
-def _cpu_name():
+def cpu_info():
+  """(CPU model name, the ISA_FLAGS it has) from /proc/cpuinfo; (platform.processor(),
+  []) where that cannot be read."""
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
+      lines = f.read().splitlines()
   except OSError:
-    pass
-  return platform.processor()
+    return platform.processor(), []
+  fields = dict(l.split(":", 1) for l in reversed(lines) if ":" in l)  # the first CPU's
+  fields = {k.strip(): v.strip() for k, v in fields.items()}
+  name, flags = fields.get("model name"), set(fields.get("flags", "").split())
+  return name or platform.processor(), [f for f in ISA_FLAGS if f in flags]
 
 
 def mean_std(values):
