@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from rvlm.experiments import report
+from rvlm.utils import machine as machine_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = float(1 << 30)
@@ -24,10 +24,10 @@ def version(pkg):
 
 
 def machine():
-  """CPU model and ISA, core count, package versions and the date: figures mean little
-  without."""
-  cpu, isa = report.cpu_info()
-  return dict(cpu=cpu, isa=isa, cores=os.cpu_count(),
+  """CPU model and ISA, core count, malloc, package versions and the date: figures mean
+  little without."""
+  cpu, isa = machine_lib.cpu_info()
+  return dict(cpu=cpu, isa=isa, cores=os.cpu_count(), malloc=machine_lib.malloc_library(),
               python=platform.python_version(),
               jax=version("jax"), flax=version("flax"), transformers=version("transformers"),
               torch=version("torch"), safetensors=version("safetensors"),

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import base  # noqa: E402
 from configs import llava_format  # noqa: E402
 from rvlm import train  # noqa: E402
-from rvlm.experiments import report  # noqa: E402
+from rvlm.utils import machine  # noqa: E402
 
 flags.DEFINE_integer("records", 20_000, "Records in the generated LLaVA file.")
 flags.DEFINE_integer("images", 200, "Distinct PNGs the records point to.")
@@ -102,7 +102,7 @@ def main(argv):
   root = FLAGS.dir or tempfile.mkdtemp(prefix="rvlm_own_data_")
   t0 = time.perf_counter()
   path, img_dir, longest_q = write_llava(root, FLAGS.records, FLAGS.images)
-  print(f"machine: {report.machine()}")
+  print(f"machine: {machine.describe()}")
   print(f"data: {FLAGS.records} records over {FLAGS.images} PNGs (24-63 px), questions up to "
         f"{longest_q} characters, one-word answers, written in {time.perf_counter() - t0:.1f} s "
         f"to {root}")

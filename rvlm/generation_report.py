@@ -5,13 +5,13 @@ import os
 
 import jax
 
-from rvlm.experiments import report
+from rvlm.utils import machine as machine_lib
 
 
 def machine():
-  """What the latencies were measured on: report.machine() and the jax devices."""
+  """What the latencies were measured on: rvlm.utils.machine.describe() and the jax devices."""
   devices = jax.devices()
-  return {**report.machine(), "backend": jax.default_backend(),
+  return {**machine_lib.describe(), "backend": jax.default_backend(),
           "devices": [str(d) for d in devices], "device_kind": devices[0].device_kind,
           "jax_version": jax.__version__}
 

@@ -32,6 +32,7 @@ from rvlm import sharding as sharding_lib
 from rvlm import steps
 from rvlm.convert import recursify
 from rvlm.models import vlm
+from rvlm.utils import machine
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -195,6 +196,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   sharding_lib.check_batch_size(config.data.batch_size, mesh)
   logging.info("mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
+  if jax.default_backend() == "cpu":
+    malloc = machine.malloc_library()
+    logging.info("malloc: %s%s", malloc, " (tcmalloc through LD_PRELOAD makes CPU steps "
+                 "faster: README, 'Install and run')" if malloc == "glibc" else "")
 
   # ---- data ----------------------------------------------------------------------
   train_iter = data_lib.build_train_iterator(config, jax.process_index(), jax.process_count())

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from benchmarks import run
-from rvlm.experiments import report
+from rvlm.utils import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,8 +91,11 @@ def test_command_writes_the_summary_of_the_sections_it_ran(tmp_path):
   assert summary["quick"] is True and summary["goals"] == []
   assert summary["peak_gflops"]["float32"] > 0 and summary["peak_gflops"]["bfloat16"] > 0
   assert summary["machine"]["cores"] >= 1
-  assert set(summary["machine"]["isa"]) <= set(report.ISA_FLAGS)
+  assert set(summary["machine"]["isa"]) <= set(machine.ISA_FLAGS)
   assert f"({' '.join(summary['machine']['isa']) or 'ISA unknown'})" in p.stdout
+  # The child inherits this process's environment, LD_PRELOAD included.
+  assert summary["machine"]["malloc"] == machine.malloc_library()
+  assert f"malloc {machine.malloc_library()} |" in p.stdout
   with open(out / "results.json") as f:
     assert json.load(f)["peak"]["n"] == 256
   assert "== peak" in p.stdout and "GFLOP/s (256x256 matmul)" in p.stdout

@@ -18,6 +18,7 @@ import pytest
 from configs import debug
 from rvlm import checkpointing
 from rvlm import train
+from rvlm.utils import machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 24
@@ -149,6 +150,10 @@ def test_progress_compile_time_and_eval_sizes_are_logged(uninterrupted):
                    lines[index("first train step")])
   assert index("first train step") < index(f"step 1/{TOTAL} (first step") < index(
       f"step 2/{TOTAL} (")
+  malloc = machine.malloc_library()  # the trainer ran in a child with this environment
+  assert lines[index("] malloc: ")].endswith(
+      f"malloc: {malloc}" + (" (tcmalloc through LD_PRELOAD makes CPU steps faster: README, "
+                             "'Install and run')" if malloc == "glibc" else ""))
   size = "32 examples in 1 batch, depths 1..2"
   assert index(f"step {TOTAL}: evaluating test ({size})") < index(
       f"step {TOTAL} test accuracy by depth")

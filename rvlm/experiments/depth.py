@@ -61,6 +61,7 @@ from configs.experiments.paper import set_field  # noqa: E402
 from rvlm import sweep  # noqa: E402
 from rvlm.experiments import paper  # noqa: E402
 from rvlm.experiments import report  # noqa: E402
+from rvlm.utils import machine  # noqa: E402
 
 QUICK_STEPS, QUICK_EVAL = 40, 256
 H90_THRESHOLD = 0.9
@@ -129,7 +130,7 @@ def run_study(out, *, variants, seeds, steps_n, preset="", overrides=()):
       "wall_time_s_this_invocation": None,
       # Sum over runs of the invocation that trained each (excludes aggregation).
       "wall_time_s_all_runs": sum(r["info"]["wall_time_s"] for r in by_name.values()),
-      "machine": report.machine(), "std": "sample std over seeds (ddof=1; 0 for one seed)",
+      "machine": machine.describe(), "std": "sample std over seeds (ddof=1; 0 for one seed)",
       "h90": f"per seed, the largest h with test accuracy >= {H90_THRESHOLD} at the trained "
              "depth for every h' <= h (0 if h = 1 fails); mean / std over seeds",
       "tolerances_points": {"monotone_r_1_to_R": MONOTONE_TOL_POINTS,

@@ -31,6 +31,7 @@ from rvlm import steps  # noqa: E402
 from rvlm import sweep  # noqa: E402
 from rvlm import train  # noqa: E402
 from rvlm.experiments import report  # noqa: E402
+from rvlm.utils import machine  # noqa: E402
 from rvlm.models import vlm  # noqa: E402
 
 QUICK_STEPS, QUICK_EVAL = 30, 256
@@ -105,7 +106,7 @@ def run_study(out, *, variants, seeds, steps_n, preset="small", overrides=()):
       "wall_time_s_this_invocation": time.time() - start,
       # Sum over runs of the invocation that trained each (excludes aggregation).
       "wall_time_s_all_runs": sum(r["info"]["wall_time_s"] for r in records.values()),
-      "machine": report.machine(), "std": "sample std over seeds (ddof=1; 0 for one seed)"}}
+      "machine": machine.describe(), "std": "sample std over seeds (ddof=1; 0 for one seed)"}}
   seed0 = {run.name: run.config for run in runs}
   for v in variants:
     config = seed0[f"{v}/seed_0"]  # costs do not depend on the seed

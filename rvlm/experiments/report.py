@@ -4,8 +4,6 @@ Pure functions of per-run results.json / run_info.json records, so the study's
 summary can be rebuilt (and tested) without training anything.
 """
 import ast
-import os
-import platform
 
 import numpy as np
 
@@ -35,30 +33,6 @@ def parse_override(text):
   except (ValueError, SyntaxError):
     pass
   return field, value
-
-
-# The vector / matrix extensions that decide which library wins a matmul: "Intel Xeon
-# Processor" alone hides whether oneDNN can use AMX, which XLA:CPU does not.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
-
-
-def machine():
-  return {"platform": platform.platform(), "processor": cpu_info()[0],
-          "cpu_count": os.cpu_count(), "python": platform.python_version()}
-
-
-def cpu_info():
-  """(CPU model name, the ISA_FLAGS it has) from /proc/cpuinfo; (platform.processor(),
-  []) where that cannot be read."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      lines = f.read().splitlines()
-  except OSError:
-    return platform.processor(), []
-  fields = dict(l.split(":", 1) for l in reversed(lines) if ":" in l)  # the first CPU's
-  fields = {k.strip(): v.strip() for k, v in fields.items()}
-  name, flags = fields.get("model name"), set(fields.get("flags", "").split())
-  return name or platform.processor(), [f for f in ISA_FLAGS if f in flags]
 
 
 def mean_std(values):
