@@ -337,8 +337,8 @@ def main(argv):
     raise app.UsageError(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
   os.makedirs(FLAGS.out, exist_ok=True)
   m = common.machine()
-  print(f"machine: {m['cpu']} ({' '.join(m['isa']) or 'ISA unknown'}), {m['cores']} cores, malloc {m['malloc']} | "
-        f"jax {m['jax']}, torch {m['torch']} | "
+  print(f"machine: {m['cpu']} ({' '.join(m['isa']) or 'ISA unknown'}), {m['cores']} cores, "
+        f"malloc {m['malloc']} | jax {m['jax']}, torch {m['torch']} | "
         f"{jax.default_backend()} x{jax.device_count()} | {m['date']}"
         + (" | --quick" if FLAGS.quick else ""), flush=True)
   res = {"machine": m, "quick": FLAGS.quick}

@@ -198,8 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                jax.process_count())
   if jax.default_backend() == "cpu":
     malloc = machine.malloc_library()
-    logging.info("malloc: %s%s", malloc, " (tcmalloc through LD_PRELOAD makes CPU steps "
-                 "faster: README, 'Install and run')" if malloc == "glibc" else "")
+    logging.info("malloc: %s%s", malloc, " (tcmalloc through LD_PRELOAD can make CPU "
+                 "steps faster: README, 'Install and run')" if malloc == "glibc" else "")
 
   # ---- data ----------------------------------------------------------------------
   train_iter = data_lib.build_train_iterator(config, jax.process_index(), jax.process_count())

@@ -152,8 +152,8 @@ def test_progress_compile_time_and_eval_sizes_are_logged(uninterrupted):
       f"step 2/{TOTAL} (")
   malloc = machine.malloc_library()  # the trainer ran in a child with this environment
   assert lines[index("] malloc: ")].endswith(
-      f"malloc: {malloc}" + (" (tcmalloc through LD_PRELOAD makes CPU steps faster: README, "
-                             "'Install and run')" if malloc == "glibc" else ""))
+      f"malloc: {malloc}" + (" (tcmalloc through LD_PRELOAD can make CPU steps faster: "
+                             "README, 'Install and run')" if malloc == "glibc" else ""))
   size = "32 examples in 1 batch, depths 1..2"
   assert index(f"step {TOTAL}: evaluating test ({size})") < index(
       f"step {TOTAL} test accuracy by depth")

@@ -31,8 +31,8 @@ from rvlm import steps  # noqa: E402
 from rvlm import sweep  # noqa: E402
 from rvlm import train  # noqa: E402
 from rvlm.experiments import report  # noqa: E402
-from rvlm.utils import machine  # noqa: E402
 from rvlm.models import vlm  # noqa: E402
+from rvlm.utils import machine  # noqa: E402
 
 QUICK_STEPS, QUICK_EVAL = 30, 256
 
