@@ -1,7 +1,6 @@
 """The paper study: its configs, FLOP counter, aggregation over seeds and the runner."""
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -16,7 +15,6 @@ from rvlm import flops
 from rvlm import losses
 from rvlm.experiments import paper
 from rvlm.experiments import report
-from rvlm.utils import machine
 from rvlm.models import vlm
 
 
@@ -157,23 +155,6 @@ def test_claims_compare_final_depth_and_check_monotonicity():
   c = report.claims(variants)
   assert c["rvlm_non_decreasing_in_depth"] is False
   assert c["beats_standard_by_3_points"] is False
-
-
-def test_malloc_library_names_a_preloaded_allocator_else_the_c_library(tmp_path):
-  maps = tmp_path / "maps"
-  line = "7f00-7f01 r-xp 00000000 08:01 42 {}\n"
-  def read(*paths):
-    maps.write_text("".join(line.format(p) for p in paths) + "7f02-7f03 rw-p 0 0:0 0 [heap]\n")
-    return machine.malloc_library(str(maps))
-  libc = platform.libc_ver()[0] or "unknown"
-  assert read("/usr/lib/x86_64-linux-gnu/libc.so.6") == libc
-  assert read("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-              "/usr/lib/x86_64-linux-gnu/libc.so.6") == "tcmalloc"
-  assert read("/opt/lib/libjemalloc.so.2") == "jemalloc"
-  assert read("/site-packages/mimalloc_preload/libmimalloc.so") == "mimalloc"
-  assert read("/data/notlibtcmalloc.txt") == libc        # a file of that name, not the library
-  assert machine.malloc_library(str(tmp_path / "missing")) == libc
-  assert machine.describe()["malloc"] == machine.malloc_library()
 
 
 def test_override_parsing():
