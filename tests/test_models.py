@@ -9,6 +9,7 @@ import pytest
 from rvlm import losses
 from rvlm import optim
 from rvlm import sharding
+from rvlm.models import connector
 from rvlm.models import decoder as decoder_lib
 from rvlm.models import layers
 from rvlm.models import presets, vlm
@@ -246,6 +247,18 @@ def test_alpha_zero_reproduces_step_one_input(projection):
       params["recursion"]["step"]["connector"]["alpha"])
   inputs = forward(model, params, make_batch(cfg))["step_inputs"]
   np.testing.assert_array_equal(inputs[1], inputs[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_connector_mean_over_layers_is_jnp_mean_to_the_bit(k, dtype):
+  # The chain of adds replaces jnp.mean for speed only (docs/performance.md): the
+  # trained parameters, and so every recorded run, must not move by one ulp.
+  x = jax.random.normal(jax.random.PRNGKey(k), (k, 3, 7, 16)).astype(dtype)
+  mean = jax.jit(connector._mean_over_layers)(x)
+  assert mean.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(mean, np.float32),
+                                np.asarray(jax.jit(lambda v: jnp.mean(v, axis=0))(x), np.float32))
 
 
 def test_connector_weights_are_modality_specific():
