@@ -35,7 +35,7 @@ _VIT_HF_OPTIONS = dict(
 
 
 def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True,
-           remat_policy="none"):
+           remat_policy="none", recursion_impl="scan"):
   return ml_collections.ConfigDict(dict(
       vocab_size=vocab_size,
       tie_embeddings=tie_embeddings,
@@ -43,8 +43,11 @@ def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True,
       dtype="float32",
       param_dtype="float32",
       # jax.checkpoint policy for one decoder layer: none | full | dots. The CPU
-      # presets (small, medium) default to full: on XLA:CPU saving the scans' stacked
-      # residuals costs more than recomputing them (docs/performance.md: 1.5x faster).
+      # presets (small, medium) use dots with recursion.impl=loop: XLA:CPU pays more
+      # to store every activation than to recompute it, and more again to stack a
+      # layer scan's residuals into an outer scan's [R, L, ...] buffers; saving only
+      # the matmul outputs, without the outer scan, was 1.2x scan + full on both
+      # presets with the same parameters to the bit (docs/performance.md).
       remat_policy=remat_policy,
       # Scan over the L distinct decoder layers (True) or unroll them (False);
       # the param tree is identical either way.
@@ -63,8 +66,9 @@ def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True,
           mode="connector",
           num_steps=3,
           # scan: outer nn.scan with broadcast params (compile time flat in R);
-          # loop: Python loop over the same bound stack. Outputs are equal.
-          impl="scan",
+          # loop: Python loop over the same bound stack (compile time and, without
+          # recursion-level remat, activation memory grow with R). Outputs are equal.
+          impl=recursion_impl,
           # jax.checkpoint around each whole step: the backward pass keeps only the step
           # inputs and recomputes one step at a time, so activation memory barely grows
           # with R (for ~1 extra forward). Composes with remat_policy (per layer).
@@ -98,7 +102,7 @@ def small():
       vit=dict(image_size=32, patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=256),
       decoder=dict(width=128, depth=4, num_heads=4, num_kv_heads=2, head_dim=32,
                    mlp_dim=384, rope_theta=10_000.0, norm_eps=1e-6),
-      remat_policy="full",
+      remat_policy="dots", recursion_impl="loop",
   )
 
 
@@ -114,7 +118,7 @@ def medium():
       vit=dict(image_size=32, patch_size=8, width=256, depth=2, num_heads=4, mlp_dim=1024),
       decoder=dict(width=512, depth=6, num_heads=8, num_kv_heads=4, head_dim=64,
                    mlp_dim=1536, rope_theta=10_000.0, norm_eps=1e-6),
-      remat_policy="full",
+      remat_policy="dots", recursion_impl="loop",
   )
 
 
