@@ -46,8 +46,8 @@ def _model(*, vocab_size, vit, decoder, projector="mlp", tie_embeddings=True,
       # presets (small, medium) use dots with recursion.impl=loop: XLA:CPU pays more
       # to store every activation than to recompute it, and more again to stack a
       # layer scan's residuals into an outer scan's [R, L, ...] buffers; saving only
-      # the matmul outputs, without the outer scan, was 1.2x scan + full on both
-      # presets with the same parameters to the bit (docs/performance.md).
+      # the matmul outputs, without the outer scan, ran 1.2x as fast as scan + full
+      # on both presets, with the same parameters to the bit (docs/performance.md).
       remat_policy=remat_policy,
       # Scan over the L distinct decoder layers (True) or unroll them (False);
       # the param tree is identical either way.
