@@ -12,8 +12,8 @@ recursion (RecursiveVLM, R = 2) and the connector. The connector is new
 (init_from_allow_new) with its projections at zero, so at step 0 every recursion step
 reproduces the pretrained model; the Monotonic Recursion Loss then trains the steps to
 improve on each other. Fine-tuning a pretrained model wants a small learning rate.
-Real models need accelerators: add --config.model.remat_policy=full and a mesh
-(--config.mesh.fsdp=N) for billion-parameter decoders.
+Real models need accelerators and, for billion-parameter decoders, a mesh
+(--config.mesh.fsdp=N).
 """
 from configs import llava_format
 from configs.experiments import common
@@ -28,6 +28,10 @@ def get_config(arg=None):
   c.model.recursion.num_steps = 2
   c.model.connector.init = "zeros"  # every step starts as the pretrained model
   c.model.connector.base = "embed"
+  # Imported models are real-sized: the outer scan keeps compile time flat in R and full
+  # remat keeps activation memory lowest, not the CPU presets' faster loop + dots.
+  c.model.recursion.impl = "scan"
+  c.model.remat_policy = "full"
   c.data.tokenizer.kind = "hf"      # replaced by the imported model's tokenizer
   c.optim.lr = 2e-5
   c.optim.warmup_steps = 20
