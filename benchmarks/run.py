@@ -14,7 +14,8 @@ Sections (docs/performance.md has the tables of a full run and what they mean):
   scaling   compile and step time for R = 1, 2, 4, 8, recursion under scan and loop
   memory    the compiled step's temp memory for R = 1..8 with each remat setting, and
             the peak RSS of a process running that step
-  decode    cached per-token decode latency at each depth
+  decode    cached decode latency at each depth: per further token (the goal's
+            figure) and the first token's (image + prompt prefill)
   pipeline  the input pipeline's examples/s against the trainer's consumption
 Machines of this kind differ by 30-50% in speed and are noisy, so every comparison is
 a ratio within one run. `DIR/summary.json` holds the headline ratios and the goals,
@@ -223,6 +224,9 @@ def decode_section(quick):
 
 
 def _decode_latency(preset, quick):
+  """Per depth: the first token's latency (image encoding + the prompt's prefill at every
+  step + one token) and the time per further token, (T(1 + n) - T(1)) / n, which is what
+  the goal is judged on; the prefill is a fixed cost per answer, not a per-token one."""
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
   from rvlm import data as data_lib  # pylint: disable=g-import-not-at-top
   from rvlm import decode  # pylint: disable=g-import-not-at-top
@@ -237,20 +241,35 @@ def _decode_latency(preset, quick):
   examples = data_lib.build_eval_batches(config, "val", 1, 1)
   batch = generation_eval.prompt_batch(examples[0], generation_eval.max_prompt_length(examples),
                                        tok.eos_id)
-  new_tokens = 16 if quick else 32
+  new_tokens, repeats = (16, 3) if quick else (32, 10)
   rows = {}
   for depth in range(1, 2 * int(config.model.recursion.num_steps) + 1):
-    # eos_id = vocab_size: never generated, so every run makes exactly new_tokens tokens.
-    gen = functools.partial(decode.generate, model, params, batch, depth=depth,
-                            max_new_tokens=new_tokens, eos_id=int(config.model.vocab_size))
-    s, _ = common.timed(lambda: jax.block_until_ready(gen().tokens),  # noqa: B023
-                        3 if quick else 10)
-    rows[depth] = dict(ms_per_token=1e3 * s / new_tokens)
-  base_ms = rows[1]["ms_per_token"]
+    # eos_id = vocab_size: never generated, so every run makes exactly the tokens asked.
+    gen = {n: functools.partial(decode.generate, model, params, batch, depth=depth,
+                                max_new_tokens=n, eos_id=int(config.model.vocab_size))
+           for n in (1, 1 + new_tokens)}
+    for f in gen.values():                     # compile both before timing either
+      jax.block_until_ready(f().tokens)
+    # Alternated, so that a slow spell of the machine hits both lengths alike.
+    times = {n: [] for n in gen}
+    for _ in range(repeats):
+      for n, f in gen.items():
+        times[n].append(common.timed(lambda: jax.block_until_ready(f().tokens),  # noqa: B023
+                                     1, warmup=0)[0])
+    first, whole = (float(np.median(times[n])) for n in gen)
+    rows[depth] = dict(first_token_ms=1e3 * first,
+                       ms_per_token=1e3 * (whole - first) / new_tokens,
+                       ms_per_token_with_prefill=1e3 * whole / (1 + new_tokens))
+  base = rows[1]
   for depth, row in rows.items():
-    row["ratio_to_depth_x_r1"] = row["ms_per_token"] / (depth * base_ms)
+    row["ratio_to_depth_x_r1"] = row["ms_per_token"] / (depth * base["ms_per_token"])
+    row["ratio_with_prefill"] = (row["ms_per_token_with_prefill"]
+                                 / (depth * base["ms_per_token_with_prefill"]))
     print(f"  {preset:<7} depth {depth}  {row['ms_per_token']:7.2f} ms/token  = "
-          f"{row['ratio_to_depth_x_r1']:.2f} x (depth x depth 1's)", flush=True)
+          f"{row['ratio_to_depth_x_r1']:.2f} x (depth x depth 1's) | first token "
+          f"{row['first_token_ms']:7.2f} ms | prefill spread over the tokens "
+          f"{row['ms_per_token_with_prefill']:7.2f} ms/token = {row['ratio_with_prefill']:.2f} x",
+          flush=True)
   return rows
 
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rvlm.models import decoder
 from rvlm.models import layers
 from rvlm.models import vlm
 from rvlm.models.recursion import RecursionStep
@@ -110,7 +111,18 @@ def check_depth(model, depth):
 
 
 def _step(model):
-  return RecursionStep(mode=model.cfg.recursion.mode, **vlm.step_kwargs(model.cfg))
+  kwargs = vlm.step_kwargs(model.cfg)
+  # Each layer its own submodule, fed params sliced once per call (_step_params): a scan
+  # (or an unrolled one) over the stacked layer params would copy every layer's weights
+  # out of the stacked arrays on every step of every token, the largest single cost of
+  # the small preset's decoding on CPU.
+  kwargs["stack_kwargs"] = dict(kwargs["stack_kwargs"], layerwise=True)
+  return RecursionStep(mode=model.cfg.recursion.mode, **kwargs)
+
+
+def _step_params(params):
+  step = params["recursion"]["step"]
+  return dict(step, stack=decoder.layerwise_params(step["stack"]))
 
 
 def _cache_shape(model, batch_size, depth, slots):
@@ -163,11 +175,11 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
   # [B, 1, d] -> [B, V]: the head's sharding constraint names (batch, length, vocab).
   head = lambda p, h: model.apply({"params": p}, h, method=vlm.VLM.logits)[:, 0]  # noqa: E731
 
-  def run_step(p, e, e0, mask, positions, kv, index, num_image_tokens):
-    return step_module.apply({"params": p["recursion"]["step"]}, e, e0, mask, positions, kv,
-                             index, num_image_tokens)
+  def run_step(step_params, e, e0, mask, positions, kv, index, num_image_tokens):
+    return step_module.apply({"params": step_params}, e, e0, mask, positions, kv, index,
+                             num_image_tokens)
 
-  def prefill(params, batch, slots):
+  def prefill(params, step_params, batch, slots):
     # The whole prompt is the prefix (full attention), as in the trainer's layout; under
     # config.model.attention='causal' embed_inputs ignores this and returns mask_ar = 1
     # everywhere, so the prompt is causal, as in the forward pass the trainer runs.
@@ -184,7 +196,7 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     last = nv + jnp.sum(batch["input_mask"], axis=1) - 1           # the last prompt token
 
     def body(e, kv):
-      e_next, (h, _), kv = run_step(params, e, e0, mask, positions, kv, 0, None)
+      e_next, (h, _), kv = run_step(step_params, e, e0, mask, positions, kv, 0, None)
       h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)
       return e_next, (head(params, h_last), kv)
 
@@ -192,7 +204,7 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     valid = jnp.pad(input_mask > 0, ((0, 0), (0, slots - n)))
     return logits, cache, valid, jnp.sum(input_mask, axis=1)
 
-  def extend(params, cache, token, slot, pos, valid):
+  def extend(params, step_params, cache, token, slot, pos, valid):
     """Runs one token per row through up to `depth` steps; returns (logits, steps, cache)."""
     b = token.shape[0]
     e0 = model.apply({"params": params}, token[:, None], method=vlm.VLM.embed_text)
@@ -206,7 +218,7 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     def body(carry):
       s, e, (ck, cv), state = carry
       kv = (ck[s], cv[s])
-      e_next, (h, _), (k, v) = run_step(params, e, e0, mask, positions, kv, slot, 0)
+      e_next, (h, _), (k, v) = run_step(step_params, e, e0, mask, positions, kv, slot, 0)
       ck = jax.lax.dynamic_update_index_in_dim(ck, k, s, 0)
       cv = jax.lax.dynamic_update_index_in_dim(cv, v, s, 0)
       state = _exit_update(state, head(params, h), s, s == depth - 1, adaptive)
@@ -225,7 +237,8 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     t_prompt = batch["tokens"].shape[1]
     slots_prompt = vlm.num_image_tokens(model.cfg) + t_prompt
     slots = slots_prompt + max_new_tokens
-    prefill_logits, cache, valid, n_real = prefill(params, batch, slots)
+    step_params = _step_params(params)
+    prefill_logits, cache, valid, n_real = prefill(params, step_params, batch, slots)
     b = n_real.shape[0]
     # The first answer token: the prompt's last position, exiting by the same rule.
     state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
@@ -250,7 +263,8 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
       t, cache, valid, tokens, steps, done, all_logits, rng = carry
       slot = slots_prompt + t - 1
       valid = jax.lax.dynamic_update_index_in_dim(valid, jnp.ones((b,), bool), slot, 1)
-      logits, used, cache = extend(params, cache, tokens[:, t - 1], slot, n_real + t - 1, valid)
+      logits, used, cache = extend(params, step_params, cache, tokens[:, t - 1], slot,
+                                   n_real + t - 1, valid)
       rng, sub = jax.random.split(rng)
       tok = jnp.where(done, 0, _select(logits, sub, sampling))
       tokens = jax.lax.dynamic_update_index_in_dim(tokens, tok, t, 1)

@@ -67,10 +67,21 @@ def check_against_recompute(model, params, batch, depth, tol=F32_TOL, **kw):
   gen = decode.generate(model, params, batch, depth=depth, max_new_tokens=5, eos_id=-1,
                         return_logits=True, **kw)
   ref = np.asarray(decode.recompute_logits(model, params, batch, gen.tokens, depth))
-  np.testing.assert_allclose(gen.logits, ref[-1], atol=tol, rtol=0)
-  np.testing.assert_array_equal(gen.tokens, ref[-1].argmax(-1))
+  assert_greedy_like(gen, ref[-1], tol)
   assert (gen.steps_used == depth).all()
   return gen, ref
+
+
+def assert_greedy_like(gen, ref_logits, tol):
+  """gen's logits within tol of the reference's, and its greedy tokens the reference's
+  argmax wherever rounding cannot swap the top two: a top-2 margin above twice the
+  largest logit difference (bf16 logits have exact ties)."""
+  np.testing.assert_allclose(gen.logits, ref_logits, atol=tol, rtol=0)
+  err = np.abs(gen.logits - ref_logits).max()
+  top2 = np.sort(ref_logits, axis=-1)[..., -2:]
+  decided = top2[..., 1] - top2[..., 0] > 2 * err
+  assert decided.mean() >= 0.75, (decided.mean(), err)
+  np.testing.assert_array_equal(gen.tokens[decided], ref_logits.argmax(-1)[decided])
 
 
 @pytest.mark.parametrize("mode,depths", [("none", (1,)), ("vanilla", (1, 2, 3, 4)),
@@ -181,7 +192,7 @@ def test_sampling():
 def test_bfloat16_and_sharded_params():
   c, model, params = make("connector", 2, dtype="bfloat16")
   batch = ragged_batch(c, lens=(4, 4, 2, 3, 5, 2, 3, 4), with_image=(1,) * 8)
-  gen, _ = check_against_recompute(model, params, batch, 2, tol=0.1)
+  check_against_recompute(model, params, batch, 2, tol=0.1)
   c.mesh.update(data=2, fsdp=2, tensor=2)
   mesh = sharding_lib.make_mesh(c.mesh)
   rules = sharding_lib.rules_from_config(c.mesh)
@@ -191,9 +202,13 @@ def test_bfloat16_and_sharded_params():
   sharded = jax.device_put(params, shardings)
   assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
              for x in jax.tree.leaves(sharded))
+  # Against its own reference, not the unsharded run's tokens: sharded bf16 rounds
+  # differently, and one exact tie in the greedy choice changes the rest of that row.
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    again = decode.generate(model, sharded, batch, depth=2, max_new_tokens=5, eos_id=-1)
-  np.testing.assert_array_equal(again.tokens, gen.tokens)
+    again = decode.generate(model, sharded, batch, depth=2, max_new_tokens=5, eos_id=-1,
+                            return_logits=True)
+  assert_greedy_like(again, np.asarray(
+      decode.recompute_logits(model, params, batch, again.tokens, 2))[-1], tol=0.1)
 
 
 def test_bad_arguments():

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -81,6 +82,10 @@ class DecoderStack(nn.Module):
   """L distinct decoder layers; params stacked on a leading 'layers' axis.
 
   `scan=False` unrolls the same scan fully, so the param tree is identical either way.
+  `layerwise=True` (decoding only) makes each layer its own submodule, `layer_0` ..
+  `layer_{L-1}`, whose params `layerwise_params` slices out of the stacked tree once: a
+  loop that applies the stack per token would otherwise slice (copy) every layer's
+  weights out of the stacked arrays on every iteration, which XLA does not hoist.
   """
   width: int
   depth: int
@@ -100,6 +105,7 @@ class DecoderStack(nn.Module):
   qkv_bias: bool = False
   out_bias: bool = False
   mlp_bias: bool = False
+  layerwise: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
@@ -120,10 +126,28 @@ class DecoderStack(nn.Module):
                         norm_eps=self.norm_eps, dtype=self.dtype, qk_norm=self.qk_norm,
                         logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init,
                         qkv_bias=self.qkv_bias, out_bias=self.out_bias, mlp_bias=self.mlp_bias)
-    body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast), length=self.depth,
-                   unroll=1 if self.scan else self.depth,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
-    (x, buf), kv_cache_out = body(layer_kwargs, self.remat_policy, name="layers")(
-        (x, buf), jnp.asarray(slots), mask, positions, kv_cache, cache_index)
+    if self.layerwise:
+      kv_out = []
+      for i in range(self.depth):
+        kv = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
+        (x, buf), kv = _ScanBody(layer_kwargs, self.remat_policy, name=f"layer_{i}")(
+            (x, buf), slots[i], mask, positions, kv, cache_index)
+        kv_out.append(kv)
+      kv_cache_out = None if kv_cache is None else tuple(map(jnp.stack, zip(*kv_out)))
+    else:
+      body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                     length=self.depth, unroll=1 if self.scan else self.depth,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+      (x, buf), kv_cache_out = body(layer_kwargs, self.remat_policy, name="layers")(
+          (x, buf), jnp.asarray(slots), mask, positions, kv_cache, cache_index)
     return (x, buf) if kv_cache is None else (x, buf, kv_cache_out)
+
+
+def layerwise_params(stack_params):
+  """A DecoderStack's params (every layer's stacked under 'layers') as the layerwise
+  stack's: {'layer_0': layer 0's subtree, ...}. Run it outside the loop that applies
+  the stack, so that the slicing happens once."""
+  layers = stack_params["layers"]
+  depth = jax.tree.leaves(layers)[0].shape[0]
+  return {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(depth)}
