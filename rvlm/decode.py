@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rvlm.models import connector
 from rvlm.models import decoder
 from rvlm.models import layers
 from rvlm.models import vlm
@@ -111,18 +112,22 @@ def check_depth(model, depth):
 
 
 def _step(model):
+  # Per-layer and per-modality params, sliced once per call (_step_params): slicing a
+  # layer out of the stacked layer params, or a modality out of the connector's kernels,
+  # copies it, and inside the decoding loop that copy recurs on every step of every
+  # token (the layers' alone were a third of the small preset's per-token time on CPU).
   kwargs = vlm.step_kwargs(model.cfg)
-  # Each layer its own submodule, fed params sliced once per call (_step_params): a scan
-  # (or an unrolled one) over the stacked layer params would copy every layer's weights
-  # out of the stacked arrays on every step of every token, the largest single cost of
-  # the small preset's decoding on CPU.
   kwargs["stack_kwargs"] = dict(kwargs["stack_kwargs"], layerwise=True)
+  kwargs["connector_kwargs"] = dict(kwargs["connector_kwargs"], split_modalities=True)
   return RecursionStep(mode=model.cfg.recursion.mode, **kwargs)
 
 
 def _step_params(params):
-  step = params["recursion"]["step"]
-  return dict(step, stack=decoder.layerwise_params(step["stack"]))
+  step = dict(params["recursion"]["step"])
+  step["stack"] = decoder.layerwise_params(step["stack"])
+  if "connector" in step:
+    step["connector"] = connector.split_modality_params(step["connector"])
+  return step
 
 
 def _cache_shape(model, batch_size, depth, slots):
@@ -211,26 +216,38 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     mask = valid[:, None, None, :]
     positions = pos[:, None]
 
+    def run(s, e, cache):
+      ck, cv = cache
+      e_next, (h, _), (k, v) = run_step(step_params, e, e0, mask, positions, (ck[s], cv[s]),
+                                        slot, 0)
+      return e_next, h, (jax.lax.dynamic_update_index_in_dim(ck, k, s, 0),
+                         jax.lax.dynamic_update_index_in_dim(cv, v, s, 0))
+
+    if adaptive is None:
+      # A fixed depth reads only the last step's prediction: the head (vocab x width,
+      # the largest matmul of a real-sized model at one token) runs once, not per step.
+      def fixed_body(s, carry):
+        e, _, cache = carry
+        return run(s, e, cache)
+      _, h, cache = jax.lax.fori_loop(0, depth, fixed_body, (e0, e0, cache))
+      return head(params, h), jnp.full((b,), depth, jnp.int32), cache
+
     def cond(carry):
       s, _, _, state = carry
       return (s < depth) & ~jnp.all(state[0])
 
     def body(carry):
-      s, e, (ck, cv), state = carry
-      kv = (ck[s], cv[s])
-      e_next, (h, _), (k, v) = run_step(step_params, e, e0, mask, positions, kv, slot, 0)
-      ck = jax.lax.dynamic_update_index_in_dim(ck, k, s, 0)
-      cv = jax.lax.dynamic_update_index_in_dim(cv, v, s, 0)
+      s, e, cache, state = carry
+      e_next, h, cache = run(s, e, cache)
       state = _exit_update(state, head(params, h), s, s == depth - 1, adaptive)
-      return s + 1, e_next, (ck, cv), state
+      return s + 1, e_next, cache, state
 
     vocab = model.cfg.vocab_size
     state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
              jnp.zeros((b, vocab), jnp.float32), jnp.full((b,), -1), jnp.zeros((b,), jnp.int32))
     _, _, cache, state = jax.lax.while_loop(cond, body, (0, e0, cache, state))
     _, exit_step, logits, _, _ = state
-    if adaptive is not None:
-      cache = tuple(_reuse_exit_kv(c, exit_step, slot) for c in cache)
+    cache = tuple(_reuse_exit_kv(c, exit_step, slot) for c in cache)
     return logits, exit_step + 1, cache
 
   def generate(params, batch, rng, eos_id):

@@ -48,15 +48,26 @@ class Connector(nn.Module):
   init: str = "zeros"
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
+  # Decoding only: each modality's kernels as params of their own (`proj_0`, `proj_1`,
+  # ..., from split_modality_params, sliced once outside the decoding loop); slicing a
+  # modality out of the [k, M, d, d] kernel copies it, on every step of every token.
+  split_modalities: bool = False
 
   def _kernel(self, name, shape, init):
+    """The kernel `name` [k, M, d, e] as a list over the M modalities of [k, d, e]."""
+    if self.split_modalities:
+      axes = ("connector_layers", "embed", "embed_out")
+      per = shape[:1] + shape[2:]
+      return [self.param(f"{name}_{m}", nn.with_logical_partitioning(init, axes), per,
+                         jnp.float32) for m in range(shape[1])]
     axes = ("connector_layers", "modality", "embed", "embed_out")
-    return self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    w = self.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    return [w[:, m] for m in range(shape[1])]
 
   def _project(self, x, kernels, m):
     """x: [k, B, n, d] tokens of modality m -> [k, B, n, d] (batched 2-D matmuls over k)."""
     k, b, n, d = x.shape
-    mm = lambda a, w: jnp.einsum("kxd,kde->kxe", a, w[:, m].astype(self.dtype))  # noqa: E731
+    mm = lambda a, w: jnp.einsum("kxd,kde->kxe", a, w[m].astype(self.dtype))  # noqa: E731
     y = mm(x.reshape(k, b * n, d), kernels[0])
     if self.projection == "mlp":
       y = mm(nn.gelu(y, approximate=True), kernels[1])
@@ -111,3 +122,15 @@ class Connector(nn.Module):
     if self.base == "prev":
       return e_prev + update
     return update
+
+
+def split_modality_params(params):
+  """A Connector's params as the split_modalities one's: each [k, M, d, e] kernel
+  `name` becomes `name_0` .. `name_{M-1}`, [k, d, e] each."""
+  out = {}
+  for name, value in params.items():
+    if name.startswith("proj"):
+      out.update({f"{name}_{m}": value[:, m] for m in range(value.shape[1])})
+    else:
+      out[name] = value
+  return out
