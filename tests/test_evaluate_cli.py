@@ -228,5 +228,7 @@ def test_decode_latency_benchmark_smoke(trained_workdir):
   assert lines[0].startswith("machine: ") and lines[1].startswith("config: R=2")
   rows = [ln.split() for ln in lines[3:]]
   assert [r[0] for r in rows] == ["1"]
-  assert rows[0][3] == "1.00" and rows[0][4] == "1.00" and rows[0][5].endswith("x")
-  assert rows[0][6] == "2/2"   # the cache and recomputation chose the same tokens
+  assert "first token ms" in lines[2]
+  assert float(rows[0][1]) > 0                 # the first token (the prefill's) ms
+  assert rows[0][4] == "1.00" and rows[0][5] == "1.00" and rows[0][6].endswith("x")
+  assert rows[0][7] == "2/2"   # the cache and recomputation chose the same tokens

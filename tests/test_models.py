@@ -316,6 +316,32 @@ def test_connector_weights_are_modality_specific():
     assert np.abs(out[:, changed_slice] - base[:, changed_slice]).max() > 1e-3
 
 
+
+@pytest.mark.parametrize("projection", ["linear", "mlp"])
+def test_connector_with_split_modality_params_equals_the_joint_one(projection):
+  """rvlm/decode.py's connector: each modality's kernels as params of their own, sliced
+  by split_modality_params; the same output for image and text tokens."""
+  k, b, n, d, nv = 4, 2, 5, 16, 2
+  kwargs = dict(num_layers=k, num_image_tokens=nv, projection=projection, init="normal")
+  rng = np.random.default_rng(0)
+  sampled, e0 = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+                 for shape in ((k, b, n, d), (b, n, d)))
+  joint = connector.Connector(**kwargs)
+  # Module.init by name: the connector's `init` field (its init scheme) shadows it.
+  params = randomize(nn.Module.init(joint, jax.random.PRNGKey(0), sampled, e0, e0)["params"])
+  split = connector.split_modality_params(nn.unbox(params))
+  names = ["proj"] if projection == "linear" else ["proj_in", "proj_out"]
+  assert sorted(x for x in split if x.startswith("proj")) == sorted(
+      f"{name}_{m}" for name in names for m in (0, 1))
+  split_module = connector.Connector(**kwargs, split_modalities=True)
+  for num_image in (None, 0):                   # the prompt's layout, and a text chunk
+    want = jax.jit(joint.apply, static_argnums=4)({"params": params}, sampled, e0, e0,
+                                                  num_image)
+    got = jax.jit(split_module.apply, static_argnums=4)({"params": split}, sampled, e0, e0,
+                                                        num_image)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_shared_projection_option_has_one_modality():
   cfg = tiny("connector", 2, **{"connector.modality_specific": False})
   _, params = init(cfg)
