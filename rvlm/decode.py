@@ -122,12 +122,27 @@ def _step(model):
   return RecursionStep(mode=model.cfg.recursion.mode, **kwargs)
 
 
+_PREPARED = "layer_0"   # the layerwise stack's first layer: params already prepared
+
+
 def _step_params(params):
   step = dict(params["recursion"]["step"])
+  if _PREPARED in step["stack"]:
+    return step
   step["stack"] = decoder.layerwise_params(step["stack"])
   if "connector" in step:
     step["connector"] = connector.split_modality_params(step["connector"])
   return step
+
+
+@jax.jit
+def prepare_params(params):
+  """`params` with the recursion step in the layout decoding runs (one subtree per
+  layer, the connector's kernels per modality), for callers that decode many times
+  with the same params: `generate` otherwise slices them on every call, which copies
+  the decoder's weights (time, and that much memory while the call runs). `generate`
+  takes either form; the trainer and checkpoints only ever see the stacked one."""
+  return dict(params, recursion=dict(params["recursion"], step=_step_params(params)))
 
 
 def _cache_shape(model, batch_size, depth, slots):

@@ -107,8 +107,9 @@ def run(loaded, batches, *, depth, max_new_tokens, adaptive=None):
   """
   eos = loaded.tokenizer.eos_id
   length = max_prompt_length(batches)
+  params = decode.prepare_params(loaded.params)      # sliced once, not once per batch
   gen = lambda b: decode.generate(  # noqa: E731
-      loaded.model, loaded.params, prompt_batch(b, length, eos), depth=depth,
+      loaded.model, params, prompt_batch(b, length, eos), depth=depth,
       max_new_tokens=max_new_tokens, eos_id=eos, adaptive=adaptive)
   gen(batches[0])
   answers, ended, steps, wall = [], [], [], 0.0

@@ -138,6 +138,7 @@ def _decode_all(fv, loaded, inputs, depths, max_new, width):
   sampling, adaptive = _sampling(fv), _adaptive(fv)
   rng = jax.random.PRNGKey(fv.seed)
   batch_size = min(fv.batch_size, len(inputs))
+  params = decode.prepare_params(loaded.params)      # sliced once, not once per call
   rows = []
   for k, idx in enumerate(_chunks(len(inputs), batch_size)):
     # The last chunk is filled up with copies of its first input (never reported).
@@ -146,7 +147,7 @@ def _decode_all(fv, loaded, inputs, depths, max_new, width):
                                  [inputs[i][1] for i in filled], max_new, pad_to=width)
     answers, steps = {}, None
     for depth in depths:
-      gen = decode.generate(loaded.model, loaded.params, batch, depth=depth,
+      gen = decode.generate(loaded.model, params, batch, depth=depth,
                             max_new_tokens=max_new, eos_id=tok.eos_id, sampling=sampling,
                             rng=jax.random.fold_in(rng, k), adaptive=adaptive)
       answers[depth] = [decode.answer_text(tok, row) for row in np.asarray(gen.tokens)]

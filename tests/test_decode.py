@@ -189,6 +189,30 @@ def test_sampling():
                     sampling=decode.Sampling(temperature=1.0))
 
 
+
+@pytest.mark.parametrize("mode", ["none", "connector"])
+def test_prepared_params_decode_the_same(mode):
+  """decode.prepare_params (the step sliced per layer and per modality once, for many
+  calls) gives the same tokens and logits as the stacked params generate slices itself."""
+  depth = 1 if mode == "none" else 2
+  c, model, params = make(mode, depth)
+  batch = ragged_batch(c)
+  prepared = decode.prepare_params(params)
+  step = prepared["recursion"]["step"]
+  assert sorted(step["stack"]) == [f"layer_{i}" for i in range(c.model.decoder.depth)]
+  if mode == "connector":
+    assert "proj" not in step["connector"] and "proj_1" in step["connector"]
+  np.testing.assert_array_equal(prepared["embed"]["embedding"], params["embed"]["embedding"])
+  run = lambda p: decode.generate(model, p, batch, depth=depth, max_new_tokens=4,  # noqa: E731
+                                  eos_id=-1, return_logits=True)
+  a, b = run(params), run(prepared)
+  np.testing.assert_array_equal(b.tokens, a.tokens)
+  np.testing.assert_allclose(b.logits, a.logits, rtol=1e-6, atol=1e-6)
+  # Prepared twice is prepared once.
+  again = decode.prepare_params(prepared)
+  assert jax.tree.structure(again) == jax.tree.structure(prepared)
+
+
 def test_bfloat16_and_sharded_params():
   c, model, params = make("connector", 2, dtype="bfloat16")
   batch = ragged_batch(c, lens=(4, 4, 2, 3, 5, 2, 3, 4), with_image=(1,) * 8)
