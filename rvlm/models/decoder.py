@@ -58,7 +58,8 @@ class DecoderLayer(nn.Module):
 
 
 class _ScanBody(nn.Module):
-  """One scan iteration: apply a layer, write its output to its connector slot (if any)."""
+  """One layer application (a scan iteration, or one layer of the layerwise stack):
+  apply the layer, write its output to its connector slot (if any)."""
   layer_kwargs: dict
   remat_policy: str
 
