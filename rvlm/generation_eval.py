@@ -10,6 +10,7 @@ that runs on past the reference is wrong. For one-token answers the two agree ex
 (greedy token 1 right means token 2 is predicted from the same prefix).
 """
 import collections
+import dataclasses
 import time
 
 import numpy as np
@@ -107,9 +108,8 @@ def run(loaded, batches, *, depth, max_new_tokens, adaptive=None):
   """
   eos = loaded.tokenizer.eos_id
   length = max_prompt_length(batches)
-  params = decode.prepare_params(loaded.params)      # sliced once, not once per batch
   gen = lambda b: decode.generate(  # noqa: E731
-      loaded.model, params, prompt_batch(b, length, eos), depth=depth,
+      loaded.model, loaded.params, prompt_batch(b, length, eos), depth=depth,
       max_new_tokens=max_new_tokens, eos_id=eos, adaptive=adaptive)
   gen(batches[0])
   answers, ended, steps, wall = [], [], [], 0.0
@@ -174,6 +174,9 @@ def evaluate(loaded, batches, *, depths, thresholds, max_new_tokens, family_name
   adaptive exit at each threshold. Returns {'by_depth', 'adaptive',
   'normalised_majority_baseline', ...}; every score has the normalised figures."""
   eos = loaded.tokenizer.eos_id
+  # The decoding layout once for every depth, threshold and batch below (decode.generate
+  # would otherwise slice the params on each call).
+  loaded = dataclasses.replace(loaded, params=decode.prepare_params(loaded.params))
   refs = references(batches, eos)
   families = np.concatenate([b["family"][b["example_mask"] > 0] for b in batches])
   hops = np.concatenate([b["hops"][b["example_mask"] > 0] for b in batches])

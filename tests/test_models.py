@@ -152,9 +152,7 @@ def test_layerwise_stack_with_sliced_params_equals_the_stacked_one():
   model, params = init(cfg)
   stack_params = randomize(params)["recursion"]["step"]["stack"]
   dec = cfg.decoder
-  kwargs = dict(width=dec.width, depth=dec.depth, num_heads=dec.num_heads,
-                num_kv_heads=dec.num_kv_heads, head_dim=dec.head_dim, mlp_dim=dec.mlp_dim,
-                rope_theta=dec.rope_theta, norm_eps=dec.norm_eps, num_sampled=2)
+  kwargs = dict(vlm.step_kwargs(cfg)["stack_kwargs"], num_sampled=2)
   scanned = decoder_lib.DecoderStack(**kwargs)
   layerwise = decoder_lib.DecoderStack(**kwargs, layerwise=True)
   sliced = decoder_lib.layerwise_params(stack_params)
