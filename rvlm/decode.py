@@ -145,9 +145,21 @@ def prepare_params(params):
   return dict(params, recursion=dict(params["recursion"], step=_step_params(params)))
 
 
-def _cache_shape(model, batch_size, depth, slots):
+def _empty_cache(model, batch_size, depth, slots, dtype):
+  """Per layer, (keys, values) for every step, each [depth, B, S, K, D]: the layout of
+  the prompt's prefill, a scan over the steps."""
   dec = model.cfg.decoder
-  return (depth, dec.depth, batch_size, slots, dec.num_kv_heads, dec.head_dim)
+  shape = (depth, batch_size, slots, dec.num_kv_heads, dec.head_dim)
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(dec.depth))
+
+
+def _split_steps(cache):
+  """The prefill's cache as the token loop carries it: cache[step][layer] = (keys, values),
+  each [B, S, K, D]. One buffer per (step, layer), each updated in place at its own slot:
+  indexing a step or a layer out of one stacked array inside the loop copies it (and
+  stacking the result back copies the whole cache) on every step of every token."""
+  depth = cache[0][0].shape[0]
+  return tuple(tuple((k[s], v[s]) for k, v in cache) for s in range(depth))
 
 
 def _select(logits, rng, sampling):
@@ -210,8 +222,7 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     mask = jnp.pad(layers.prefix_lm_mask(input_mask, mask_ar),
                    ((0, 0), (0, 0), (0, 0), (0, slots - n)))
     positions = layers.positions_from_mask(input_mask)
-    shape = _cache_shape(model, b, depth, slots)
-    cache = (jnp.zeros(shape, e0.dtype), jnp.zeros(shape, e0.dtype))
+    cache = _empty_cache(model, b, depth, slots, e0.dtype)
     nv = n - batch["tokens"].shape[1]
     last = nv + jnp.sum(batch["input_mask"], axis=1) - 1           # the last prompt token
 
@@ -222,7 +233,7 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
 
     _, (logits, cache) = jax.lax.scan(body, e0, cache)             # logits [r, B, V]
     valid = jnp.pad(input_mask > 0, ((0, 0), (0, slots - n)))
-    return logits, cache, valid, jnp.sum(input_mask, axis=1)
+    return logits, _split_steps(cache), valid, jnp.sum(input_mask, axis=1)
 
   def extend(params, step_params, cache, token, slot, pos, valid):
     """Runs one token per row through up to `depth` steps; returns (logits, steps, cache)."""
@@ -231,39 +242,34 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     mask = valid[:, None, None, :]
     positions = pos[:, None]
 
-    def run(s, e, cache):
-      ck, cv = cache
-      e_next, (h, _), (k, v) = run_step(step_params, e, e0, mask, positions, (ck[s], cv[s]),
-                                        slot, 0)
-      return e_next, h, (jax.lax.dynamic_update_index_in_dim(ck, k, s, 0),
-                         jax.lax.dynamic_update_index_in_dim(cv, v, s, 0))
+    def run(e, cache_s):
+      e_next, (h, _), cache_s = run_step(step_params, e, e0, mask, positions, cache_s, slot, 0)
+      return e_next, h, cache_s
 
+    # The steps are unrolled (the cache is one buffer per step and layer, so a step's
+    # index must be static); the stack inside a step is unrolled already.
+    cache, e = list(cache), e0
     if adaptive is None:
       # A fixed depth reads only the last step's prediction: the head (vocab x width,
       # the largest matmul of a real-sized model at one token) runs once, not per step.
-      def fixed_body(s, carry):
-        e, _, cache = carry
-        return run(s, e, cache)
-      _, h, cache = jax.lax.fori_loop(0, depth, fixed_body, (e0, e0, cache))
-      return head(params, h), jnp.full((b,), depth, jnp.int32), cache
-
-    def cond(carry):
-      s, _, _, state = carry
-      return (s < depth) & ~jnp.all(state[0])
-
-    def body(carry):
-      s, e, cache, state = carry
-      e_next, h, cache = run(s, e, cache)
-      state = _exit_update(state, head(params, h), s, s == depth - 1, adaptive)
-      return s + 1, e_next, cache, state
+      for s in range(depth):
+        e, h, cache[s] = run(e, cache[s])
+      return head(params, h), jnp.full((b,), depth, jnp.int32), tuple(cache)
 
     vocab = model.cfg.vocab_size
     state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
              jnp.zeros((b, vocab), jnp.float32), jnp.full((b,), -1), jnp.zeros((b,), jnp.int32))
-    _, _, cache, state = jax.lax.while_loop(cond, body, (0, e0, cache, state))
+    for s in range(depth):
+      def step(operand, s=s):
+        e, cache_s, state = operand
+        e_next, h, cache_s = run(e, cache_s)
+        return e_next, cache_s, _exit_update(state, head(params, h), s, s == depth - 1, adaptive)
+      # Once every row has exited, the remaining steps are skipped (their cache slots
+      # are filled from the exit step's below).
+      e, cache[s], state = (step((e, cache[s], state)) if s == 0 else
+                            jax.lax.cond(jnp.all(state[0]), lambda o: o, step, (e, cache[s], state)))
     _, exit_step, logits, _, _ = state
-    cache = tuple(_reuse_exit_kv(c, exit_step, slot) for c in cache)
-    return logits, exit_step + 1, cache
+    return logits, exit_step + 1, _reuse_exit_kv(tuple(cache), exit_step, slot)
 
   def generate(params, batch, rng, eos_id):
     t_prompt = batch["tokens"].shape[1]
@@ -313,13 +319,19 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
 
 
 def _reuse_exit_kv(cache, exit_step, slot):
-  """cache [r, L, B, S, K, D]: at `slot`, steps after each row's exit step get copies of
-  the exit step's keys / values (the adaptive-exit cache rule)."""
-  col = jax.lax.dynamic_slice_in_dim(cache, slot, 1, axis=3)       # [r, L, B, 1, K, D]
-  at_exit = jnp.take_along_axis(col, exit_step[None, None, :, None, None, None], axis=0)
-  later = jnp.arange(cache.shape[0])[:, None, None, None, None, None] > \
-      exit_step[None, None, :, None, None, None]
-  return jax.lax.dynamic_update_slice_in_dim(cache, jnp.where(later, at_exit, col), slot, axis=3)
+  """cache[step][layer] = (keys, values), each [B, S, K, D]: at `slot`, steps after each
+  row's exit step get copies of the exit step's keys / values (the adaptive-exit rule)."""
+  depth = len(cache)
+  # [r, L, 2, B, 1, K, D]: every step's keys / values at the slot.
+  col = jnp.stack([jnp.stack([jnp.stack([jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1)
+                                         for c in kv]) for kv in step]) for step in cache])
+  at_exit = jnp.take_along_axis(col, exit_step[None, None, None, :, None, None, None],
+                                axis=0)[0]
+  later = jnp.arange(depth)[:, None] > exit_step[None, :]             # [r, B]
+  new = jnp.where(later[:, None, None, :, None, None, None], at_exit[None], col)
+  return tuple(tuple(tuple(jax.lax.dynamic_update_slice_in_dim(c, new[s, l, j], slot, axis=1)
+                           for j, c in enumerate(kv)) for l, kv in enumerate(step))
+               for s, step in enumerate(cache))
 
 
 _COMPILED = {}

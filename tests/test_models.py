@@ -170,8 +170,13 @@ def test_layerwise_stack_with_sliced_params_equals_the_stacked_one():
     mask = jnp.ones((b, 1, n, n if kv_cache is None else slots), bool)
     args = (x, mask, positions, kv_cache, None if kv_cache is None else 2)
     want = jax.jit(scanned.apply)({"params": stack_params}, *args)
-    got = jax.jit(layerwise.apply)({"params": sliced}, *args)
+    # The layerwise stack's cache: one (k, v) pair per layer, taken and returned.
+    per_layer = None if kv_cache is None else tuple(zip(*kv_cache))
+    got = jax.jit(layerwise.apply)({"params": sliced}, *args[:3], per_layer, args[4])
     assert len(got) == len(want) == (2 if kv_cache is None else 3)
+    if kv_cache is not None:
+      assert len(got[2]) == dec.depth and all(len(kv) == 2 for kv in got[2])
+      got = (*got[:2], tuple(map(jnp.stack, zip(*got[2]))))
     # Both jitted (op by op, the eager one rounds differently): equal to the bit with
     # jax 0.10.2 on CPU, values up to ~65; the tolerance leaves room for other fusions.
     for a, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):

@@ -115,7 +115,10 @@ class DecoderStack(nn.Module):
     With `kv_cache` = (k, v), each [L, B, S, K, D] (one cache per layer, for decoding:
     rvlm/decode.py), x's keys and values go to slots cache_index.. of every layer's
     cache, x attends over the cache under `mask` [B, 1, N, S], and the updated cache
-    is returned as a third output.
+    is returned as a third output. The layerwise stack takes and returns the cache as
+    L separate (k, v) pairs, each [B, S, K, D], so that a decoding loop carrying them
+    updates each layer's buffer in place: slicing a layer out of one [L, ...] array and
+    stacking the layers back copies the whole cache on every token.
     """
     slots = np.full((self.depth,), -1, np.int32)
     if self.num_sampled:
@@ -130,11 +133,11 @@ class DecoderStack(nn.Module):
     if self.layerwise:
       kv_out = []
       for i in range(self.depth):
-        kv = None if kv_cache is None else (kv_cache[0][i], kv_cache[1][i])
         (x, buf), kv = _ScanBody(layer_kwargs, self.remat_policy, name=f"layer_{i}")(
-            (x, buf), slots[i], mask, positions, kv, cache_index)
+            (x, buf), slots[i], mask, positions, None if kv_cache is None else kv_cache[i],
+            cache_index)
         kv_out.append(kv)
-      kv_cache_out = None if kv_cache is None else tuple(map(jnp.stack, zip(*kv_out)))
+      kv_cache_out = None if kv_cache is None else tuple(kv_out)
     else:
       body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
