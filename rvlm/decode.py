@@ -14,8 +14,9 @@ How one token is decoded at depth r (the trained model's forward pass, one posit
 The prediction is the shared final norm + head on h_r. Depth r is free at inference:
 any r >= 1, also beyond the trained R (mode 'none': r = 1).
 
-Cache: k, v [r, L, B, slots, K, D]; slots = image tokens + T prompt slots + one per new
-token. The prompt's padding slots are never visible and RoPE positions count real
+Cache: cache[step][layer] = (k, v), each [B, K, slots, D] (heads-major, one buffer per
+step and layer, so that the token loop updates each in place and the attention reads it
+without a copy); slots = image tokens + T prompt slots + one per new token. The prompt's padding slots are never visible and RoPE positions count real
 tokens only, so every row decodes as it would alone, and as the trainer's forward pass
 sees the same text with the padding in the middle (`recompute_logits`, the reference).
 Under config.model.attention='causal' the prompt (image included) is prefilled
@@ -145,17 +146,23 @@ def prepare_params(params):
   return dict(params, recursion=dict(params["recursion"], step=_step_params(params)))
 
 
+# The slot axis of a layer's (keys [B * K, D, S], values [B * K, S, D]): the layouts the
+# attention reads without a copy (rvlm.models.layers.Attention).
+_SLOT_AXIS = (2, 1)
+
+
 def _empty_cache(model, batch_size, depth, slots, dtype):
-  """Per layer, (keys, values) for every step, each [depth, B, S, K, D]: the layout of
-  the prompt's prefill, a scan over the steps."""
+  """Per layer, (keys [depth, B * K, D, S], values [depth, B * K, S, D]) for every step:
+  the layout of the prompt's prefill, a scan over the steps."""
   dec = model.cfg.decoder
-  shape = (depth, batch_size, slots, dec.num_kv_heads, dec.head_dim)
-  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(dec.depth))
+  k = (depth, batch_size * dec.num_kv_heads, dec.head_dim, slots)
+  v = (depth, batch_size * dec.num_kv_heads, slots, dec.head_dim)
+  return tuple((jnp.zeros(k, dtype), jnp.zeros(v, dtype)) for _ in range(dec.depth))
 
 
 def _split_steps(cache):
-  """The prefill's cache as the token loop carries it: cache[step][layer] = (keys, values),
-  each [B, S, K, D]. One buffer per (step, layer), each updated in place at its own slot:
+  """The prefill's cache as the token loop carries it: cache[step][layer] = (keys, values).
+  One buffer per (step, layer), each updated in place at its own slot:
   indexing a step or a layer out of one stacked array inside the loop copies it (and
   stacking the result back copies the whole cache) on every step of every token."""
   depth = cache[0][0].shape[0]
@@ -319,19 +326,23 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
 
 
 def _reuse_exit_kv(cache, exit_step, slot):
-  """cache[step][layer] = (keys, values), each [B, S, K, D]: at `slot`, steps after each
-  row's exit step get copies of the exit step's keys / values (the adaptive-exit rule)."""
+  """cache[step][layer] = (keys, values): at `slot`, steps after each row's exit step get
+  copies of the exit step's keys / values (the adaptive-exit rule)."""
   depth = len(cache)
-  # [r, L, 2, B, 1, K, D]: every step's keys / values at the slot.
-  col = jnp.stack([jnp.stack([jnp.stack([jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1)
-                                         for c in kv]) for kv in step]) for step in cache])
-  at_exit = jnp.take_along_axis(col, exit_step[None, None, None, :, None, None, None],
-                                axis=0)[0]
-  later = jnp.arange(depth)[:, None] > exit_step[None, :]             # [r, B]
-  new = jnp.where(later[:, None, None, :, None, None, None], at_exit[None], col)
-  return tuple(tuple(tuple(jax.lax.dynamic_update_slice_in_dim(c, new[s, l, j], slot, axis=1)
-                           for j, c in enumerate(kv)) for l, kv in enumerate(step))
-               for s, step in enumerate(cache))
+  out = [[[None, None] for _ in step] for step in cache]
+  for l in range(len(cache[0])):
+    for j, axis in enumerate(_SLOT_AXIS):
+      # Every step's keys (or values) at the slot: [r, B, ...] with a size-1 slot axis.
+      col = jnp.stack([jax.lax.dynamic_slice_in_dim(step[l][j], slot, 1, axis=axis)
+                       for step in cache])
+      at_exit = jnp.take_along_axis(col, exit_step.reshape((1, -1) + (1,) * (col.ndim - 2)),
+                                    axis=0)
+      later = (jnp.arange(depth)[:, None] > exit_step[None, :]).reshape(
+          col.shape[:2] + (1,) * (col.ndim - 2))
+      col = jnp.where(later, at_exit, col)
+      for s, step in enumerate(cache):
+        out[s][l][j] = jax.lax.dynamic_update_slice_in_dim(step[l][j], col[s], slot, axis=axis)
+  return tuple(tuple(tuple(kv) for kv in step) for step in out)
 
 
 _COMPILED = {}

@@ -162,12 +162,14 @@ def test_adaptive_exit():
 def test_exit_kv_rule():
   """Steps after a row's exit step hold copies of the exit step's keys/values at the slot."""
   rng = np.random.default_rng(0)
-  cache = rng.normal(size=(4, 2, 2, 3, 5, 1, 2)).astype(np.float32)   # [r, L, k|v, B, S, K, D]
+  cache = rng.normal(size=(4, 2, 2, 3, 1, 5, 2)).astype(np.float32)   # [r, L, k|v, B, K, S, D]
   exit_step = np.array([0, 2, 3], np.int32)
-  layout = tuple(tuple(tuple(kv) for kv in step) for step in cache)  # cache[step][layer][k|v]
-  out = np.asarray(decode._reuse_exit_kv(layout, exit_step, 3))  # pylint: disable=protected-access
-  # As [r, L x (k|v), B, S, K, D]: the slot axis is 3, the rows' axis 2.
-  cache, out = cache.reshape(4, 4, 3, 5, 1, 2), out.reshape(4, 4, 3, 5, 1, 2)
+  # The decoding layout: cache[step][layer] = (k [B * K, D, S], v [B * K, S, D]); K = 1.
+  layout = tuple(tuple((k[:, 0].transpose(0, 2, 1), v[:, 0]) for k, v in step) for step in cache)
+  out = decode._reuse_exit_kv(layout, exit_step, 3)  # pylint: disable=protected-access
+  out = np.asarray([[(np.asarray(k).transpose(0, 2, 1), v) for k, v in step] for step in out])
+  # As [r, L x (k|v), B, S, D] (one KV head): the slot axis is 3, the rows' axis 2.
+  cache, out = cache.reshape(4, 4, 3, 5, 2), out.reshape(4, 4, 3, 5, 2)
   for b, s in enumerate(exit_step):
     for r in range(4):
       want = cache[s, :, b, 3] if r > s else cache[r, :, b, 3]

@@ -165,8 +165,9 @@ def test_layerwise_stack_with_sliced_params_equals_the_stacked_one():
   b, n, slots = 2, 3, 7
   x = jnp.asarray(rng.normal(size=(b, n, dec.width)), jnp.float32)
   positions = jnp.broadcast_to(jnp.arange(n), (b, n))
-  for kv_cache in (None, tuple(jnp.asarray(rng.normal(size=(
-      dec.depth, b, slots, dec.num_kv_heads, dec.head_dim)), jnp.float32) for _ in "kv")):
+  rows = b * dec.num_kv_heads   # the decoding cache's layout: k [L, B * K, D, S], v [L, B * K, S, D]
+  for kv_cache in (None, tuple(jnp.asarray(rng.normal(size=(dec.depth, rows) + shape), jnp.float32)
+                               for shape in ((dec.head_dim, slots), (slots, dec.head_dim)))):
     mask = jnp.ones((b, 1, n, n if kv_cache is None else slots), bool)
     args = (x, mask, positions, kv_cache, None if kv_cache is None else 2)
     want = jax.jit(scanned.apply)({"params": stack_params}, *args)

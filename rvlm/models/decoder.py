@@ -112,13 +112,14 @@ class DecoderStack(nn.Module):
   def __call__(self, x, mask, positions, kv_cache=None, cache_index=None):
     """Returns (final output [B, N, d], sampled outputs [k, B, N, d] or None).
 
-    With `kv_cache` = (k, v), each [L, B, S, K, D] (one cache per layer, for decoding:
+    With `kv_cache` = (k [L, B * K, D, S], v [L, B * K, S, D]) (one cache per layer, in
+    the layouts rvlm.models.layers.Attention reads in place; for decoding:
     rvlm/decode.py), x's keys and values go to slots cache_index.. of every layer's
     cache, x attends over the cache under `mask` [B, 1, N, S], and the updated cache
     is returned as a third output. The layerwise stack takes and returns the cache as
-    L separate (k, v) pairs, each [B, S, K, D], so that a decoding loop carrying them
-    updates each layer's buffer in place: slicing a layer out of one [L, ...] array and
-    stacking the layers back copies the whole cache on every token.
+    L separate (k, v) pairs, so that a decoding loop carrying them updates each layer's
+    buffer in place: slicing a layer out of one [L, ...] array and stacking the layers
+    back copies the whole cache on every token.
     """
     slots = np.full((self.depth,), -1, np.int32)
     if self.num_sampled:
@@ -131,12 +132,17 @@ class DecoderStack(nn.Module):
                         logit_scale=self.logit_scale, logit_scale_init=self.logit_scale_init,
                         qkv_bias=self.qkv_bias, out_bias=self.out_bias, mlp_bias=self.mlp_bias)
     if self.layerwise:
-      kv_out = []
+      # The layer index is static here, so the sampled outputs are collected as they
+      # come (the scan writes them into `buf` at a traced slot, an update per layer).
+      kv_out, sampled = [], []
       for i in range(self.depth):
-        (x, buf), kv = _ScanBody(layer_kwargs, self.remat_policy, name=f"layer_{i}")(
-            (x, buf), slots[i], mask, positions, None if kv_cache is None else kv_cache[i],
+        (x, _), kv = _ScanBody(layer_kwargs, self.remat_policy, name=f"layer_{i}")(
+            (x, None), -1, mask, positions, None if kv_cache is None else kv_cache[i],
             cache_index)
         kv_out.append(kv)
+        if slots[i] >= 0:
+          sampled.append(x)
+      buf = jnp.stack(sampled) if sampled else None
       kv_cache_out = None if kv_cache is None else tuple(kv_out)
     else:
       body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -135,8 +135,9 @@ LOGIT_SCALES = ("none", "learned")
 GELU_ACTS = ("gelu_tanh", "gelu")   # tanh-approximate (GPT-2 / SigLIP) | exact erf GELU
 
 
-def _masked_softmax_attention(q, k, v, mask, dtype, logit_scale=None):
+def _masked_softmax_attention(q, k, v, mask, dtype, logit_scale=None, cache_layout=False):
   """q: [B, T, K, G, D], k/v: [B, S, K, D], mask: [B, 1, T, S] -> [B, T, K, G, D].
+  With `cache_layout`, k is [B * K, D, S] and v [B * K, S, D] (the decoding cache's).
 
   The G query heads that share a KV head are folded into the query length, so both
   products are plain batched matmuls over (B, K) and K/V are never repeated.
@@ -145,13 +146,20 @@ def _masked_softmax_attention(q, k, v, mask, dtype, logit_scale=None):
   """
   b, t, kh, g, d = q.shape
   qf = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d) * jnp.asarray(d ** -0.5, q.dtype)
-  logits = jnp.einsum("bkqd,bskd->bkqs", qf, k, preferred_element_type=jnp.float32)
+  if cache_layout:
+    logits = jnp.einsum("nqd,nds->nqs", qf.reshape(b * kh, g * t, d), k,
+                        preferred_element_type=jnp.float32)
+  else:
+    logits = jnp.einsum("bkqd,bskd->bkqs", qf, k, preferred_element_type=jnp.float32)
   logits = logits.reshape(b, kh, g, t, -1)
   if logit_scale is not None:
     logits = logits * logit_scale.astype(jnp.float32).reshape(1, kh, g, 1, 1)
   logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(dtype).reshape(b, kh, g * t, -1)
-  out = jnp.einsum("bkqs,bskd->bkqd", probs, v)
+  if cache_layout:
+    out = jnp.einsum("nqs,nsd->nqd", probs.reshape(b * kh, g * t, -1), v)
+  else:
+    out = jnp.einsum("bkqs,bskd->bkqd", probs, v)
   return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4)
 
 
@@ -192,9 +200,11 @@ class Attention(nn.Module):
     """x: [B, T, d]; mask: [B, 1, T, S]; positions: [B, T].
 
     Without a cache, S = T (self-attention over x) and the output is returned. With
-    `kv_cache` = (k, v), each [B, S, K, D], the keys and values of x are written at
-    slots cache_index .. cache_index + T - 1 and x attends over all S slots (the
-    mask says which hold real, visible tokens); returns (output, updated cache).
+    `kv_cache` = (k [B * K, D, S], v [B * K, S, D]), the keys and values of x are written
+    at slots cache_index .. cache_index + T - 1 and x attends over all S slots (the
+    mask says which hold real, visible tokens); returns (output, updated cache). These
+    are the layouts the attention's two matmuls (batched over B and K) read in place:
+    a [B, S, K, D] cache is transposed (copied whole) for them on every token.
     """
     d = x.shape[-1]
     proj = lambda n, h, axes: Dense(  # noqa: E731
@@ -208,15 +218,19 @@ class Attention(nn.Module):
     q = rope(q, positions, self.rope_theta)
     k = rope(k, positions, self.rope_theta)
     if kv_cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                              cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                              cache_index, axis=1)
+      b, t, kh, hd = k.shape
+      k = jax.lax.dynamic_update_slice_in_dim(
+          kv_cache[0], k.transpose(0, 2, 3, 1).reshape(b * kh, hd, t).astype(kv_cache[0].dtype),
+          cache_index, axis=2)
+      v = jax.lax.dynamic_update_slice_in_dim(
+          kv_cache[1], v.transpose(0, 2, 1, 3).reshape(b * kh, t, hd).astype(kv_cache[1].dtype),
+          cache_index, axis=1)
     b, t = x.shape[:2]
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
     scale = _logit_scale(self, self.logit_scale, self.logit_scale_init, self.num_heads)
-    out = _masked_softmax_attention(q, k, v, mask, self.dtype, scale)
+    out = _masked_softmax_attention(q, k, v, mask, self.dtype, scale,
+                                    cache_layout=kv_cache is not None)
     out = out.reshape(b, t, self.num_heads, self.head_dim)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     out = Dense((d,), ("heads", "head_dim", "embed"), num_in=2,
