@@ -240,7 +240,7 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
 
     _, (logits, cache) = jax.lax.scan(body, e0, cache)             # logits [r, B, V]
     valid = jnp.pad(input_mask > 0, ((0, 0), (0, slots - n)))
-    return logits, _split_steps(cache), valid, jnp.sum(input_mask, axis=1)
+    return logits, cache, valid, jnp.sum(input_mask, axis=1)
 
   def extend(params, step_params, cache, token, slot, pos, valid):
     """Runs one token per row through up to `depth` steps; returns (logits, steps, cache)."""
@@ -253,30 +253,37 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
       e_next, (h, _), cache_s = run_step(step_params, e, e0, mask, positions, cache_s, slot, 0)
       return e_next, h, cache_s
 
-    # The steps are unrolled (the cache is one buffer per step and layer, so a step's
-    # index must be static); the stack inside a step is unrolled already.
-    cache, e = list(cache), e0
     if adaptive is None:
-      # A fixed depth reads only the last step's prediction: the head (vocab x width,
-      # the largest matmul of a real-sized model at one token) runs once, not per step.
+      # cache[step][layer] (_split_steps): the steps are unrolled, each updating its own
+      # buffers in place. A fixed depth reads only the last step's prediction: the head
+      # (vocab x width, the largest matmul of a real-sized model at one token) runs once.
+      cache, e = list(cache), e0
       for s in range(depth):
         e, h, cache[s] = run(e, cache[s])
       return head(params, h), jnp.full((b,), depth, jnp.int32), tuple(cache)
 
+    # Adaptive exit: a loop over the steps that stops once every row has exited, on the
+    # prefill's layout (per layer, every step's keys / values stacked). Indexing the
+    # step copies its cache out and back; the unrolled steps would need a conditional
+    # per step, and XLA copies a conditional's buffers anyway (measured slower).
+    def cond(carry):
+      s, _, _, state = carry
+      return (s < depth) & ~jnp.all(state[0])
+
+    def body(carry):
+      s, e, cache, state = carry
+      e_next, h, cache_s = run(e, tuple((k[s], v[s]) for k, v in cache))
+      cache = tuple(tuple(jax.lax.dynamic_update_index_in_dim(c, new, s, 0)
+                          for c, new in zip(kv, new_kv)) for kv, new_kv in zip(cache, cache_s))
+      state = _exit_update(state, head(params, h), s, s == depth - 1, adaptive)
+      return s + 1, e_next, cache, state
+
     vocab = model.cfg.vocab_size
     state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
              jnp.zeros((b, vocab), jnp.float32), jnp.full((b,), -1), jnp.zeros((b,), jnp.int32))
-    for s in range(depth):
-      def step(operand, s=s):
-        e, cache_s, state = operand
-        e_next, h, cache_s = run(e, cache_s)
-        return e_next, cache_s, _exit_update(state, head(params, h), s, s == depth - 1, adaptive)
-      # Once every row has exited, the remaining steps are skipped (their cache slots
-      # are filled from the exit step's below).
-      e, cache[s], state = (step((e, cache[s], state)) if s == 0 else
-                            jax.lax.cond(jnp.all(state[0]), lambda o: o, step, (e, cache[s], state)))
+    _, _, cache, state = jax.lax.while_loop(cond, body, (0, e0, cache, state))
     _, exit_step, logits, _, _ = state
-    return logits, exit_step + 1, _reuse_exit_kv(tuple(cache), exit_step, slot)
+    return logits, exit_step + 1, _reuse_exit_kv(cache, exit_step, slot)
 
   def generate(params, batch, rng, eos_id):
     t_prompt = batch["tokens"].shape[1]
@@ -284,6 +291,8 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
     slots = slots_prompt + max_new_tokens
     step_params = _step_params(params)
     prefill_logits, cache, valid, n_real = prefill(params, step_params, batch, slots)
+    if adaptive is None:
+      cache = _split_steps(cache)
     b = n_real.shape[0]
     # The first answer token: the prompt's last position, exiting by the same rule.
     state = (jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32),
@@ -326,23 +335,23 @@ def _generate_fn(model, depth, max_new_tokens, sampling, adaptive, return_logits
 
 
 def _reuse_exit_kv(cache, exit_step, slot):
-  """cache[step][layer] = (keys, values): at `slot`, steps after each row's exit step get
-  copies of the exit step's keys / values (the adaptive-exit rule)."""
-  depth = len(cache)
-  out = [[[None, None] for _ in step] for step in cache]
-  for l in range(len(cache[0])):
-    for j, axis in enumerate(_SLOT_AXIS):
-      # Every step's keys (or values) at the slot: [r, B, ...] with a size-1 slot axis.
-      col = jnp.stack([jax.lax.dynamic_slice_in_dim(step[l][j], slot, 1, axis=axis)
-                       for step in cache])
-      at_exit = jnp.take_along_axis(col, exit_step.reshape((1, -1) + (1,) * (col.ndim - 2)),
-                                    axis=0)
-      later = (jnp.arange(depth)[:, None] > exit_step[None, :]).reshape(
-          col.shape[:2] + (1,) * (col.ndim - 2))
-      col = jnp.where(later, at_exit, col)
-      for s, step in enumerate(cache):
-        out[s][l][j] = jax.lax.dynamic_update_slice_in_dim(step[l][j], col[s], slot, axis=axis)
-  return tuple(tuple(tuple(kv) for kv in step) for step in out)
+  """cache: per layer, (keys [r, B * K, D, S], values [r, B * K, S, D]). At `slot`, steps
+  after each row's exit step get copies of the exit step's keys / values (the
+  adaptive-exit rule)."""
+  out = []
+  for kv in cache:
+    new = []
+    for c, axis in zip(kv, _SLOT_AXIS):
+      # The cache's rows are (batch row, KV head) pairs, row-major.
+      rows = jnp.repeat(exit_step, c.shape[1] // exit_step.shape[0])
+      col = jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=axis + 1)  # [r, B * K, ...]
+      expand = lambda x: x.reshape(x.shape + (1,) * (col.ndim - x.ndim))  # noqa: E731
+      at_exit = jnp.take_along_axis(col, expand(rows[None]), axis=0)
+      later = jnp.arange(c.shape[0])[:, None] > rows[None, :]
+      new.append(jax.lax.dynamic_update_slice_in_dim(
+          c, jnp.where(expand(later), at_exit, col), slot, axis=axis + 1))
+    out.append(tuple(new))
+  return tuple(out)
 
 
 _COMPILED = {}

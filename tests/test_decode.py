@@ -28,11 +28,13 @@ HF_OPTIONS = dict(attention="causal", decoder=dict(qkv_bias=True, out_bias=True,
 
 
 @functools.lru_cache(maxsize=None)
-def make(mode="connector", steps=3, dtype="float32", hf=False):
+def make(mode="connector", steps=3, dtype="float32", hf=False, kv_heads=1):
   """(config, model, params); cached, so that tests share compiled decoding programs.
-  hf: with HF_OPTIONS, and random (not zero-initialised) biases."""
+  hf: with HF_OPTIONS, and random (not zero-initialised) biases. kv_heads: KV heads,
+  each shared by two query heads."""
   c = debug.get_config()
   c.model.recursion.update(mode=mode, num_steps=steps)
+  c.model.decoder.update(num_heads=2 * kv_heads, num_kv_heads=kv_heads)
   c.model.dtype = dtype
   # A random (not zero) connector projection, so that every step changes the answer.
   c.model.connector.update(init="normal", alpha_init=1.0)
@@ -119,6 +121,23 @@ def test_causal_attention_and_hf_options_cached_decoding_equals_recomputation():
   assert np.abs(prefix[-1] - gen.logits).max() > 1e-2
 
 
+def test_several_kv_heads_cached_decoding_and_adaptive_exit():
+  """Two KV heads (each shared by two query heads): the cache holds one row per (prompt,
+  KV head), and decoding still equals recomputation at a fixed depth; exiting at step 1
+  copies step 1's keys and values into every later step's slots (each row's, each
+  head's), so the answer is depth 1's."""
+  c, model, params = make("connector", 3, kv_heads=2)
+  assert c.model.decoder.num_kv_heads == 2
+  batch = ragged_batch(c)
+  for depth in (1, 3):
+    check_against_recompute(model, params, batch, depth)
+  depth1 = decode.generate(model, params, batch, depth=1, max_new_tokens=5, eos_id=-1)
+  first = decode.generate(model, params, batch, depth=3, max_new_tokens=5, eos_id=-1,
+                          adaptive=decode.Adaptive(threshold=1e-9))
+  np.testing.assert_array_equal(first.tokens, depth1.tokens)
+  assert (first.steps_used == 1).all()
+
+
 def test_eos_stops_a_row_and_pads_after_it():
   c, model, params = make("connector", 3)
   batch = ragged_batch(c)
@@ -162,19 +181,21 @@ def test_adaptive_exit():
 def test_exit_kv_rule():
   """Steps after a row's exit step hold copies of the exit step's keys/values at the slot."""
   rng = np.random.default_rng(0)
-  cache = rng.normal(size=(4, 2, 2, 3, 1, 5, 2)).astype(np.float32)   # [r, L, k|v, B, K, S, D]
+  cache = rng.normal(size=(4, 2, 2, 3, 2, 5, 2)).astype(np.float32)   # [r, L, k|v, B, K, S, D]
   exit_step = np.array([0, 2, 3], np.int32)
-  # The decoding layout: cache[step][layer] = (k [B * K, D, S], v [B * K, S, D]); K = 1.
-  layout = tuple(tuple((k[:, 0].transpose(0, 2, 1), v[:, 0]) for k, v in step) for step in cache)
+  # The adaptive loop's layout: per layer, (k [r, B * K, D, S], v [r, B * K, S, D]).
+  layout = tuple((cache[:, l, 0].reshape(4, 6, 5, 2).transpose(0, 1, 3, 2),
+                  cache[:, l, 1].reshape(4, 6, 5, 2)) for l in range(2))
   out = decode._reuse_exit_kv(layout, exit_step, 3)  # pylint: disable=protected-access
-  out = np.asarray([[(np.asarray(k).transpose(0, 2, 1), v) for k, v in step] for step in out])
-  # As [r, L x (k|v), B, S, D] (one KV head): the slot axis is 3, the rows' axis 2.
-  cache, out = cache.reshape(4, 4, 3, 5, 2), out.reshape(4, 4, 3, 5, 2)
+  out = np.stack([np.stack([np.asarray(k).transpose(0, 1, 3, 2).reshape(4, 3, 2, 5, 2),
+                            np.asarray(v).reshape(4, 3, 2, 5, 2)], 1) for k, v in out], 1)
+  # As [r, L x (k|v), B, K, S, D]: the slot axis is 4, the rows' axis 2.
+  cache, out = cache.reshape(4, 4, 3, 2, 5, 2), out.reshape(4, 4, 3, 2, 5, 2)
   for b, s in enumerate(exit_step):
     for r in range(4):
-      want = cache[s, :, b, 3] if r > s else cache[r, :, b, 3]
-      np.testing.assert_array_equal(out[r, :, b, 3], want)
-  np.testing.assert_array_equal(np.delete(out, 3, axis=3), np.delete(cache, 3, axis=3))
+      want = cache[s, :, b, :, 3] if r > s else cache[r, :, b, :, 3]
+      np.testing.assert_array_equal(out[r, :, b, :, 3], want)
+  np.testing.assert_array_equal(np.delete(out, 3, axis=4), np.delete(cache, 3, axis=4))
 
 
 def test_sampling():
