@@ -125,7 +125,6 @@ class DecoderStack(nn.Module):
     if self.num_sampled:
       for s, layer in enumerate(sampled_layers(self.depth, self.num_sampled)):
         slots[layer - 1] = s
-    buf = jnp.zeros((self.num_sampled,) + x.shape, x.dtype) if self.num_sampled else None
     layer_kwargs = dict(width=self.width, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                         head_dim=self.head_dim, mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
                         norm_eps=self.norm_eps, dtype=self.dtype, qk_norm=self.qk_norm,
@@ -145,6 +144,7 @@ class DecoderStack(nn.Module):
       buf = jnp.stack(sampled) if sampled else None
       kv_cache_out = None if kv_cache is None else tuple(kv_out)
     else:
+      buf = jnp.zeros((self.num_sampled,) + x.shape, x.dtype) if self.num_sampled else None
       body = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                      length=self.depth, unroll=1 if self.scan else self.depth,
