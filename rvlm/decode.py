@@ -148,18 +148,12 @@ def prepare_params(params):
   return dict(params, recursion=dict(params["recursion"], step=_step_params(params)))
 
 
-# The slot axis of a layer's (keys [B * K, D, S], values [B * K, S, D]): the layouts the
-# attention reads without a copy (rvlm.models.layers.Attention).
-_SLOT_AXIS = (2, 1)
-
-
 def _empty_cache(model, batch_size, depth, slots, dtype):
   """Per layer, (keys [depth, B * K, D, S], values [depth, B * K, S, D]) for every step:
   the layout of the prompt's prefill, a scan over the steps."""
   dec = model.cfg.decoder
-  k = (depth, batch_size * dec.num_kv_heads, dec.head_dim, slots)
-  v = (depth, batch_size * dec.num_kv_heads, slots, dec.head_dim)
-  return tuple((jnp.zeros(k, dtype), jnp.zeros(v, dtype)) for _ in range(dec.depth))
+  shapes = layers.kv_cache_shapes(batch_size, dec.num_kv_heads, dec.head_dim, slots)
+  return tuple(tuple(jnp.zeros((depth,) + s, dtype) for s in shapes) for _ in range(dec.depth))
 
 
 def _split_steps(cache):
@@ -340,20 +334,20 @@ def _reuse_exit_kv(cache, exit_step, slot):
   """cache: per layer, (keys [r, B * K, D, S], values [r, B * K, S, D]). At `slot`, steps
   after each row's exit step get copies of the exit step's keys / values (the
   adaptive-exit rule)."""
-  out = []
-  for kv in cache:
-    new = []
-    for c, axis in zip(kv, _SLOT_AXIS):
-      # The cache's rows are (batch row, KV head) pairs, row-major.
-      rows = jnp.repeat(exit_step, c.shape[1] // exit_step.shape[0])
-      col = jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=axis + 1)  # [r, B * K, ...]
-      expand = lambda x: x.reshape(x.shape + (1,) * (col.ndim - x.ndim))  # noqa: E731
-      at_exit = jnp.take_along_axis(col, expand(rows[None]), axis=0)
-      later = jnp.arange(c.shape[0])[:, None] > rows[None, :]
-      new.append(jax.lax.dynamic_update_slice_in_dim(
-          c, jnp.where(expand(later), at_exit, col), slot, axis=axis + 1))
-    out.append(tuple(new))
-  return tuple(out)
+  depth, num_rows = cache[0][0].shape[:2]
+  # Each cache row is a (batch row, KV head) pair, row-major: [B * K] exit steps.
+  rows = jnp.repeat(exit_step, num_rows // exit_step.shape[0])
+  later = jnp.arange(depth)[:, None] > rows[None, :]                  # [r, B * K]
+
+  def reuse(c, axis):
+    col = jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=axis)         # [r, B * K, ...]
+    expand = lambda x: x.reshape(x.shape + (1,) * (col.ndim - 2))     # noqa: E731
+    at_exit = jnp.take_along_axis(col, expand(rows[None]), axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(c, jnp.where(expand(later), at_exit, col),
+                                               slot, axis=axis)
+
+  return tuple(tuple(reuse(c, axis + 1) for c, axis in zip(kv, layers.KV_CACHE_SLOT_AXES))
+               for kv in cache)
 
 
 _COMPILED = {}

@@ -165,10 +165,10 @@ def test_layerwise_stack_with_sliced_params_equals_the_stacked_one():
   b, n, slots = 2, 3, 7
   x = jnp.asarray(rng.normal(size=(b, n, dec.width)), jnp.float32)
   positions = jnp.broadcast_to(jnp.arange(n), (b, n))
-  # The decoding cache's layout: k [L, B * K, D, S], v [L, B * K, S, D].
-  rows = b * dec.num_kv_heads
-  for kv_cache in (None, tuple(jnp.asarray(rng.normal(size=(dec.depth, rows) + shape), jnp.float32)
-                               for shape in ((dec.head_dim, slots), (slots, dec.head_dim)))):
+  # The decoding cache's layouts, per layer stacked: k [L, B * K, D, S], v [L, B * K, S, D].
+  shapes = layers.kv_cache_shapes(b, dec.num_kv_heads, dec.head_dim, slots)
+  for kv_cache in (None, tuple(jnp.asarray(rng.normal(size=(dec.depth,) + shape), jnp.float32)
+                               for shape in shapes)):
     mask = jnp.ones((b, 1, n, n if kv_cache is None else slots), bool)
     args = (x, mask, positions, kv_cache, None if kv_cache is None else 2)
     want = jax.jit(scanned.apply)({"params": stack_params}, *args)

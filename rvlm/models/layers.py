@@ -135,9 +135,20 @@ LOGIT_SCALES = ("none", "learned")
 GELU_ACTS = ("gelu_tanh", "gelu")   # tanh-approximate (GPT-2 / SigLIP) | exact erf GELU
 
 
+# The decoding cache's layouts (Attention with `kv_cache`): keys [B * K, D, S] and values
+# [B * K, S, D], rows (batch row, KV head) row-major; the slot axis of each.
+KV_CACHE_SLOT_AXES = (2, 1)
+
+
+def kv_cache_shapes(batch, num_kv_heads, head_dim, slots):
+  """(keys' shape, values' shape) of one layer's decoding cache."""
+  rows = batch * num_kv_heads
+  return (rows, head_dim, slots), (rows, slots, head_dim)
+
+
 def _masked_softmax_attention(q, k, v, mask, dtype, logit_scale=None, cache_layout=False):
   """q: [B, T, K, G, D], k/v: [B, S, K, D], mask: [B, 1, T, S] -> [B, T, K, G, D].
-  With `cache_layout`, k is [B * K, D, S] and v [B * K, S, D] (the decoding cache's).
+  With `cache_layout`, k and v are in the decoding cache's layouts (kv_cache_shapes).
 
   The G query heads that share a KV head are folded into the query length, so both
   products are plain batched matmuls over (B, K) and K/V are never repeated.
@@ -217,15 +228,16 @@ class Attention(nn.Module):
       q, k = _norm_qk(self, q, k, self.norm_eps)
     q = rope(q, positions, self.rope_theta)
     k = rope(k, positions, self.rope_theta)
-    if kv_cache is not None:
-      b, t, kh, hd = k.shape
-      k = jax.lax.dynamic_update_slice_in_dim(
-          kv_cache[0], k.transpose(0, 2, 3, 1).reshape(b * kh, hd, t).astype(kv_cache[0].dtype),
-          cache_index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(
-          kv_cache[1], v.transpose(0, 2, 1, 3).reshape(b * kh, t, hd).astype(kv_cache[1].dtype),
-          cache_index, axis=1)
     b, t = x.shape[:2]
+    if kv_cache is not None:
+      (k_shape, v_shape), (k_axis, v_axis) = (
+          kv_cache_shapes(b, self.num_kv_heads, self.head_dim, t), KV_CACHE_SLOT_AXES)
+      k = jax.lax.dynamic_update_slice_in_dim(
+          kv_cache[0], k.transpose(0, 2, 3, 1).reshape(k_shape).astype(kv_cache[0].dtype),
+          cache_index, axis=k_axis)
+      v = jax.lax.dynamic_update_slice_in_dim(
+          kv_cache[1], v.transpose(0, 2, 1, 3).reshape(v_shape).astype(kv_cache[1].dtype),
+          cache_index, axis=v_axis)
     groups = self.num_heads // self.num_kv_heads
     q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
     scale = _logit_scale(self, self.logit_scale, self.logit_scale_init, self.num_heads)
