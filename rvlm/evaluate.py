@@ -181,7 +181,8 @@ def run_cli(fv):
 
   depths, thresholds = _check_args(fv)
   try:
-    loaded = inference.load(fv.workdir, step=fv.step)
+    # Only decoded from here on: the decoding layout, without keeping the stacked one.
+    loaded = inference.for_decoding(inference.load(fv.workdir, step=fv.step))
   except inference.InferenceError as e:
     raise _BadInput(str(e)) from None
   config = loaded.config

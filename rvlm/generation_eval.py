@@ -10,13 +10,13 @@ that runs on past the reference is wrong. For one-token answers the two agree ex
 (greedy token 1 right means token 2 is predicted from the same prefix).
 """
 import collections
-import dataclasses
 import time
 
 import numpy as np
 
 from rvlm import answers as answers_lib
 from rvlm import decode
+from rvlm import inference
 
 
 _TEXT = ("tokens", "input_mask", "mask_ar", "mask_loss")
@@ -176,7 +176,7 @@ def evaluate(loaded, batches, *, depths, thresholds, max_new_tokens, family_name
   eos = loaded.tokenizer.eos_id
   # The decoding layout once for every depth, threshold and batch below (decode.generate
   # would otherwise slice the params on each call).
-  loaded = dataclasses.replace(loaded, params=decode.prepare_params(loaded.params))
+  loaded = inference.for_decoding(loaded)
   refs = references(batches, eos)
   families = np.concatenate([b["family"][b["example_mask"] > 0] for b in batches])
   hops = np.concatenate([b["hops"][b["example_mask"] > 0] for b in batches])

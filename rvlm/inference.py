@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from rvlm import checkpointing
+from rvlm import decode
 from rvlm.data import llava
 from rvlm.data import preprocess
 from rvlm.data import tokenizers
@@ -155,6 +156,16 @@ def load(workdir: str, step: int | None = None) -> Loaded:
                          f"({detail}; {len(lines) - 1} mismatching paths)") from None
   return Loaded(config=config, model=model, params=params, tokenizer=tokenizer, step=step,
                 workdir=workdir)
+
+
+def for_decoding(loaded: Loaded) -> Loaded:
+  """`loaded` with its params in the layout decoding runs (decode.prepare_params: the
+  decoder's layers, and the connector's kernels, sliced once). Rebind the name,
+  `loaded = for_decoding(loaded)`: the stacked decoder weights are then released rather
+  than held beside their sliced copies for the whole run (the decoder's weights twice
+  over). The result is for `decode.generate` only; the trainer's forward pass reads the
+  stacked layout."""
+  return dataclasses.replace(loaded, params=decode.prepare_params(loaded.params))
 
 
 # ---- inputs ---------------------------------------------------------------------------

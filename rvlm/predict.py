@@ -138,7 +138,6 @@ def _decode_all(fv, loaded, inputs, depths, max_new, width):
   sampling, adaptive = _sampling(fv), _adaptive(fv)
   rng = jax.random.PRNGKey(fv.seed)
   batch_size = min(fv.batch_size, len(inputs))
-  params = decode.prepare_params(loaded.params)      # sliced once, not once per call
   rows = []
   for k, idx in enumerate(_chunks(len(inputs), batch_size)):
     # The last chunk is filled up with copies of its first input (never reported).
@@ -147,7 +146,7 @@ def _decode_all(fv, loaded, inputs, depths, max_new, width):
                                  [inputs[i][1] for i in filled], max_new, pad_to=width)
     answers, steps = {}, None
     for depth in depths:
-      gen = decode.generate(loaded.model, params, batch, depth=depth,
+      gen = decode.generate(loaded.model, loaded.params, batch, depth=depth,
                             max_new_tokens=max_new, eos_id=tok.eos_id, sampling=sampling,
                             rng=jax.random.fold_in(rng, k), adaptive=adaptive)
       answers[depth] = [decode.answer_text(tok, row) for row in np.asarray(gen.tokens)]
@@ -173,7 +172,8 @@ def predict(fv):
   inputs = inference.read_inputs(fv.image, fv.prompt)
   many = fv.image is not None and (os.path.isdir(fv.image) or
                                     fv.image.endswith((".json", ".jsonl")))
-  loaded = inference.load(fv.workdir, step=fv.step)
+  # Sliced once for every call below, and the stacked layout not kept beside it.
+  loaded = inference.for_decoding(inference.load(fv.workdir, step=fv.step))
   depths = _depths(fv, loaded.config)
   out = _out_path(fv, many)
   tok = loaded.tokenizer

@@ -4,13 +4,16 @@ Most runs are in-process (`predict.main(argv)`, SystemExit for errors): a subpro
 spends seconds importing jax. Three subprocesses check what only a real process shows:
 the exit code, and that stderr holds one line and no traceback.
 """
+import gc
 import json
 import os
 import shutil
 import subprocess
 import sys
 import types
+import weakref
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -85,6 +88,22 @@ def test_encode_prompts_and_batch(loaded, tmp_path):
   assert batch["image_mask"].tolist() == [1, 0]
   assert -1 <= batch["image"][0].min() < batch["image"][0].max() <= 1
   assert not batch["image"][1].any()  # no image: zeros
+
+
+def test_for_decoding_releases_the_stacked_weights(trained_workdir, tmp_path):
+  """inference.for_decoding: the same answers as the stacked params, and once the name
+  is rebound no stacked decoder weight stays alive beside its per-layer slices."""
+  fresh = inference.load(trained_workdir)
+  stack = fresh.params["recursion"]["step"]["stack"]
+  refs = [weakref.ref(x) for x in jax.tree.leaves(stack)]
+  prompts, images = [PROMPT, "what shape ?"], [_png(tmp_path / "a.png"), None]
+  before = _expected(fresh, prompts, images, depth=R)
+  stack = None
+  fresh = inference.for_decoding(fresh)
+  gc.collect()
+  assert "layer_0" in fresh.params["recursion"]["step"]["stack"]
+  assert all(r() is None for r in refs)
+  assert _expected(fresh, prompts, images, depth=R) == before
 
 
 def test_read_inputs(tmp_path):
