@@ -241,22 +241,26 @@ def _decode_latency(preset, quick):
   examples = data_lib.build_eval_batches(config, "val", 1, 1)
   batch = generation_eval.prompt_batch(examples[0], generation_eval.max_prompt_length(examples),
                                        tok.eos_id)
-  new_tokens, repeats = (16, 3) if quick else (32, 10)
-  rows = {}
-  for depth in range(1, 2 * int(config.model.recursion.num_steps) + 1):
-    # eos_id = vocab_size: never generated, so every run makes exactly the tokens asked.
-    gen = {n: functools.partial(decode.generate, model, params, batch, depth=depth,
-                                max_new_tokens=n, eos_id=int(config.model.vocab_size))
-           for n in (1, 1 + new_tokens)}
-    for f in gen.values():                     # compile both before timing either
-      jax.block_until_ready(f().tokens)
-    # Alternated, so that a slow spell of the machine hits both lengths alike.
-    times = {n: [] for n in gen}
-    for _ in range(repeats):
-      for n, f in gen.items():
-        times[n].append(common.timed(lambda: jax.block_until_ready(f().tokens),  # noqa: B023
+  # As predict / evaluate decode: the params sliced into the decoding layout once.
+  params = decode.prepare_params(params)
+  new_tokens, repeats = (16, 3) if quick else (64, 10)
+  depths = range(1, 2 * int(config.model.recursion.num_steps) + 1)
+  # eos_id = vocab_size: never generated, so every run makes exactly the tokens asked.
+  gen = {(depth, n): functools.partial(decode.generate, model, params, batch, depth=depth,
+                                       max_new_tokens=n, eos_id=int(config.model.vocab_size))
+         for depth in depths for n in (1, 1 + new_tokens)}
+  for f in gen.values():                       # compile everything before timing any
+    jax.block_until_ready(f().tokens)
+  # Every (depth, length) once per round, so that a slow spell of the machine hits all
+  # depths alike: the ratios divide by depth 1's time, measured in the same rounds.
+  times = {key: [] for key in gen}
+  for _ in range(repeats):
+    for key, f in gen.items():
+      times[key].append(common.timed(lambda: jax.block_until_ready(f().tokens),  # noqa: B023
                                      1, warmup=0)[0])
-    first, whole = (float(np.median(times[n])) for n in gen)
+  rows = {}
+  for depth in depths:
+    first, whole = (float(np.median(times[depth, n])) for n in (1, 1 + new_tokens))
     rows[depth] = dict(first_token_ms=1e3 * first,
                        ms_per_token=1e3 * (whole - first) / new_tokens,
                        ms_per_token_with_prefill=1e3 * whole / (1 + new_tokens))
