@@ -14,10 +14,11 @@ How one token is decoded at depth r (the trained model's forward pass, one posit
 The prediction is the shared final norm + head on h_r. Depth r is free at inference:
 any r >= 1, also beyond the trained R (mode 'none': r = 1).
 
-Cache: one buffer per (step, layer), keys [B * K, D, slots] and values [B * K, slots, D]
-(rows are (prompt, KV head) pairs; the layouts the attention's matmuls read in place),
-so that each token's keys and values are written in place at its slot; slots = image
-tokens + T prompt slots + one per new token. The prompt's padding slots are never
+Cache: keys [B * K, D, slots] and values [B * K, slots, D] per layer (rows are (prompt,
+KV head) pairs; the layouts the attention's matmuls read in place); slots = image tokens
++ T prompt slots + one per new token. At a fixed depth the token loop holds one such
+buffer per (step, layer), each written in place at the token's slot; the prefill and
+adaptive exit hold every step's stacked, [r, B * K, ...] per layer. The prompt's padding slots are never
 visible and RoPE positions count real tokens only, so every row decodes as it would
 alone, and as the trainer's forward pass sees the same text with the padding in the
 middle (`recompute_logits`, the reference).
